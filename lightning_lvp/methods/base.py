@@ -1,0 +1,169 @@
+"""The interface every token-pruning method implements (LVPruning and the training-free baselines).
+
+A method owns a list of pruning points ``after_layers`` and, at each point, picks which vision
+tokens survive given the hidden states and the token layout (:class:`~lightning_lvp.state.SeqState`)
+plus a :class:`StageContext` with what some methods need (the layer's input for attention scores,
+the vision tower's CLS similarity). The model does the removal; methods only decide.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from lightning_lvp.adapter import TextDims
+from lightning_lvp.state import SeqState
+
+
+@dataclass
+class StageContext:
+    """What a method may read at a pruning point besides the :class:`SeqState`.
+
+    Attributes:
+        stage: stage index s (0-based).
+        layer_index: 0-based index of the LLM layer whose output is being pruned (None: LLM input).
+        vision_hidden: (B, 1 + N, Dv) hidden states of the vision tower's selected layer, CLS first,
+            patch order = ``state.patch_index``.
+        attention_row: callable ``query_index (B,) -> (B, H, L)`` giving the softmax attention of
+            one query per sample in layer ``layer_index`` (recomputed on demand; None at the input).
+    """
+
+    stage: int
+    layer_index: int | None
+    vision_hidden: torch.Tensor | None = None
+    attention_row: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+def validate_ratios(ratios: Sequence[float | None], field: str, allow_none: bool = False) -> list[float | None]:
+    """Checks kept ratios are in (0, 1] and non-increasing; error messages name ``field``."""
+    ratios = list(ratios)
+    numeric = []
+    for r in ratios:
+        if r is None:
+            if not allow_none:
+                raise ValueError(f"{field} must be numbers in (0, 1], got {ratios}")
+            continue
+        if not isinstance(r, (int, float)) or not 0.0 < float(r) <= 1.0:
+            raise ValueError(f"{field} must be in (0, 1], got {ratios}")
+        numeric.append(float(r))
+    if any(b > a + 1e-12 for a, b in zip(numeric, numeric[1:])):
+        raise ValueError(f"{field} must be non-increasing, got {ratios}")
+    return ratios
+
+
+def validate_layers(after_layers: Sequence[int], field: str = "after_layers") -> list[int]:
+    """Checks pruning points are non-negative, strictly increasing integers."""
+    layers = list(after_layers)
+    if not layers:
+        raise ValueError(f"{field} must name at least one layer")
+    if any(not isinstance(x, int) or x < 0 for x in layers):
+        raise ValueError(f"{field} must be non-negative integers, got {layers}")
+    if any(b <= a for a, b in zip(layers, layers[1:])):
+        raise ValueError(f"{field} must be strictly increasing, got {layers}")
+    return layers
+
+
+def keep_counts(ratio: float, n_vision: torch.Tensor, stage: int) -> torch.Tensor:
+    """k_s = round(rho_s * |I_V original|) per sample (METHOD §4); an error if it is zero.
+
+    Args:
+        ratio: kept fraction of the ORIGINAL number of vision tokens.
+        n_vision: (B,) original vision-token counts.
+        stage: for the error message.
+    """
+    counts = torch.floor(ratio * n_vision.double() + 0.5).long()
+    if bool((counts < 1).any()):
+        raise ValueError(
+            f"keep ratio {ratio} at stage {stage} leaves zero vision tokens "
+            f"(round({ratio} x {int(n_vision.min())}) = 0); use a larger ratio"
+        )
+    return counts
+
+
+def topk_keep(scores: torch.Tensor, candidates: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Keeps the ``counts[b]`` highest-scoring candidates of each row (one topk, no Python loop).
+
+    Args:
+        scores: (B, L) higher = keep.
+        candidates: (B, L) bool, the tokens that compete (alive vision tokens).
+        counts: (B,) how many to keep; clamped to the number of candidates.
+
+    Returns:
+        (B, L) bool, True for the kept candidates (non-candidates are False).
+    """
+    counts = torch.minimum(counts, candidates.sum(1))
+    kmax = int(counts.max().item())
+    masked = scores.float().masked_fill(~candidates, float("-inf"))
+    index = masked.topk(kmax, dim=1).indices  # (B, kmax), best first
+    take = torch.arange(kmax, device=scores.device)[None, :] < counts[:, None]
+    keep = torch.zeros_like(candidates).scatter(1, index, take)
+    return keep & candidates
+
+
+class PruningMethod(nn.Module):
+    """Base class: decides which vision tokens survive at each pruning point.
+
+    Args:
+        after_layers: pruning points; ``l`` reads the output of LLM layer l (1-based), 0 = LLM input.
+        keep_ratios: default inference kept ratio per point, a fraction of the ORIGINAL vision
+            tokens (None where the method sets the count itself).
+    """
+
+    trainable: ClassVar[bool] = False
+
+    def __init__(self, after_layers: Sequence[int], keep_ratios: Sequence[float | None]):
+        super().__init__()
+        self.after_layers = validate_layers(after_layers)
+        self.keep_ratios = validate_ratios(keep_ratios, "keep_ratios", allow_none=True)
+        if len(self.keep_ratios) != len(self.after_layers):
+            raise ValueError(
+                f"keep_ratios has {len(self.keep_ratios)} entries but after_layers has {len(self.after_layers)}: "
+                f"{list(keep_ratios)} vs {list(after_layers)}"
+            )
+        self.dims: TextDims | None = None
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.after_layers)
+
+    def bind(self, dims: TextDims) -> None:
+        """Attaches the method to an LLM of these dimensions (validates the layer indices)."""
+        if self.after_layers[-1] >= dims.num_layers:
+            raise ValueError(
+                f"after_layers {self.after_layers} out of range for an LLM with {dims.num_layers} layers "
+                f"(each must be < {dims.num_layers})"
+            )
+        self.dims = dims
+
+    def resolve_ratios(self, ratios: Sequence[float | None] | None) -> list[float | None]:
+        """The inference schedule: ``ratios`` if given, else the method's ``keep_ratios``."""
+        if ratios is None:
+            return list(self.keep_ratios)
+        ratios = validate_ratios(ratios, "ratios", allow_none=True)
+        if len(ratios) != self.num_stages:
+            raise ValueError(f"ratios has {len(ratios)} entries, the method has {self.num_stages} stages")
+        return ratios
+
+    def scores(self, state: SeqState, ctx: StageContext) -> torch.Tensor:
+        """(B, L) keep scores (higher = keep) over the current slots; only alive vision slots are read."""
+        raise NotImplementedError
+
+    def counts(self, state: SeqState, ctx: StageContext, ratio: float | None) -> torch.Tensor:
+        """(B,) number of vision tokens to keep at this stage."""
+        if ratio is None:
+            raise ValueError(f"{type(self).__name__} needs a keep ratio at stage {ctx.stage}")
+        return keep_counts(ratio, state.n_vision, ctx.stage)
+
+    def select(self, state: SeqState, ctx: StageContext, ratio: float | None) -> torch.Tensor:
+        """(B, L) bool: tokens that survive this stage (text and kept vision tokens)."""
+        alive = state.alive_vision
+        keep_vision = topk_keep(self.scores(state, ctx), alive, self.counts(state, ctx, ratio))
+        return (state.valid & ~state.vision) | keep_vision
+
+    def decide(self, state: SeqState, ctx: StageContext, tau: float) -> torch.Tensor:
+        """(B, L) hard differentiable keep decisions for the masked training path (trainable methods)."""
+        raise NotImplementedError(f"{type(self).__name__} is training-free: it has no training path")

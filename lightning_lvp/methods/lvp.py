@@ -1,0 +1,99 @@
+"""LVPruning: language-guided decision modules after chosen LLM layers (METHOD §2-4)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import nn
+
+from lightning_lvp.adapter import TextDims
+from lightning_lvp.decision import DecisionModule, gumbel_keep
+from lightning_lvp.methods.base import PruningMethod, StageContext, validate_ratios
+from lightning_lvp.state import SeqState, gather_rows, pack_index
+
+
+class LVPruning(PruningMethod):
+    """Trainable cross-attention decision modules (paper: after layers 1, 8, 16 of LLaVA-1.5-7B).
+
+    Args:
+        after_layers: LLM layers (1-based) after which a decision module runs.
+        keep_ratios: default inference ratios per module (paper: [rho, rho-0.2, rho-0.4]).
+        train_ratios: target kept ratios of the ratio loss (paper: [0.5, 0.3, 0.1]).
+        num_blocks: cross-attention blocks per module (paper: 2).
+        num_heads: heads per block (paper: 8).
+        ffn_mult: FFN expansion (paper: 2).
+        dim: module width C; None = LLM hidden size (paper). A smaller C adds a d -> C projection.
+        input_norm: LayerNorm on the LLM hidden states before the module (not in the paper).
+        keys: which text tokens are keys/values: "prompt" (text before the first answer token;
+            at inference that is all text) or "all_text" (also the answer during training).
+        score: inference ranking: "log_odds" = gamma_keep - gamma_drop (what the Gumbel decision
+            depends on; default) or "keep_logit" = gamma_keep alone (METHOD §4's literal reading).
+    """
+
+    trainable = True
+
+    def __init__(
+        self,
+        after_layers: Sequence[int] = (1, 8, 16),
+        keep_ratios: Sequence[float] = (0.5, 0.3, 0.1),
+        train_ratios: Sequence[float] = (0.5, 0.3, 0.1),
+        num_blocks: int = 2,
+        num_heads: int = 8,
+        ffn_mult: int = 2,
+        dim: int | None = None,
+        input_norm: bool = False,
+        keys: Literal["prompt", "all_text"] = "prompt",
+        score: Literal["log_odds", "keep_logit"] = "log_odds",
+    ):
+        super().__init__(after_layers, keep_ratios)
+        if 0 in self.after_layers:
+            raise ValueError("after_layers for LVPruning must be >= 1 (the modules read an LLM layer's output)")
+        self.train_ratios = [float(r) for r in validate_ratios(train_ratios, "train_ratios")]
+        if len(self.train_ratios) != self.num_stages:
+            raise ValueError(
+                f"train_ratios has {len(self.train_ratios)} entries but after_layers has {self.num_stages}: "
+                f"{list(train_ratios)} vs {list(after_layers)}"
+            )
+        if keys not in ("prompt", "all_text"):
+            raise ValueError(f"keys must be 'prompt' or 'all_text', got {keys!r}")
+        if score not in ("log_odds", "keep_logit"):
+            raise ValueError(f"score must be 'log_odds' or 'keep_logit', got {score!r}")
+        for name, value in (("num_blocks", num_blocks), ("num_heads", num_heads), ("ffn_mult", ffn_mult)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        self.arch = dict(num_blocks=num_blocks, num_heads=num_heads, ffn_mult=ffn_mult, dim=dim, input_norm=input_norm)
+        self.keys = keys
+        self.score = score
+        self.decision = nn.ModuleList()
+
+    def bind(self, dims: TextDims) -> None:
+        super().bind(dims)
+        if len(self.decision) == 0:
+            self.decision.extend(DecisionModule(dims.hidden_size, **self.arch) for _ in self.after_layers)
+        elif self.decision[0].head.in_features != (self.arch["dim"] or dims.hidden_size):
+            raise ValueError("decision modules were built for a different hidden size")
+
+    def _key_mask(self, state: SeqState) -> torch.Tensor:
+        if self.keys == "prompt":
+            return state.key_text & state.valid
+        return state.valid & ~state.vision
+
+    def gamma(self, state: SeqState, ctx: StageContext) -> torch.Tensor:
+        """(B, L, 2) keep/drop logits at the alive vision slots (zeros elsewhere)."""
+        if not len(self.decision):
+            raise RuntimeError("LVPruning.bind(dims) must be called before use (PrunedLlava does it)")
+        qi, qvalid = pack_index(state.alive_vision)  # (B, Nv)
+        ki, kvalid = pack_index(self._key_mask(state))  # (B, Nt)
+        gamma = self.decision[ctx.stage](gather_rows(state.hidden, qi), gather_rows(state.hidden, ki), kvalid)
+        gamma = gamma * qvalid[..., None]
+        full = state.hidden.new_zeros(*state.valid.shape, 2)
+        return full.scatter(1, qi[..., None].expand(-1, -1, 2), gamma)  # qi is a permutation slice: no clashes
+
+    def scores(self, state: SeqState, ctx: StageContext) -> torch.Tensor:
+        g = self.gamma(state, ctx)
+        return g[..., 0] - g[..., 1] if self.score == "log_odds" else g[..., 0]
+
+    def decide(self, state: SeqState, ctx: StageContext, tau: float) -> torch.Tensor:
+        return gumbel_keep(self.gamma(state, ctx), tau) * state.alive_vision

@@ -1,0 +1,325 @@
+"""PrunedLlava: a frozen LLaVA plus a token-pruning method. Pure PyTorch (no Lightning).
+
+Two forwards share one decoder loop over the adapter:
+
+* :meth:`PrunedLlava.forward_train` keeps every token and applies the decisions as the eq. 7-9
+  attention mask in every layer after a module (fixed shapes, differentiable, METHOD §3).
+* :meth:`PrunedLlava.forward_infer` physically removes tokens at each pruning point (one gather per
+  stage) from the hidden states, the mask, the rotary positions and hence the KV cache of all
+  later layers; kept tokens keep their original positions (METHOD §4).
+
+:meth:`PrunedLlava.generate` decodes with the pruned per-layer KV cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_lvp import adapter
+from lightning_lvp.methods.base import PruningMethod, StageContext
+from lightning_lvp.sampling import sample_next
+from lightning_lvp.state import SeqState, causal_mask, positions_from_mask
+
+
+@dataclass
+class TrainOutput:
+    """Result of the masked training forward.
+
+    Attributes:
+        loss_causal: mean cross-entropy over label tokens (None without labels).
+        logits: (N, V) logits at the positions that predict a label token.
+        targets: (N,) those label tokens.
+        sample_index: (N,) batch row of each.
+        kept: (B, S) kept fraction of the vision tokens after each module (cumulative, eq. 10).
+        decisions: S tensors (B, T), the cumulative hard decisions (1 = keep) at vision positions.
+    """
+
+    loss_causal: torch.Tensor | None
+    logits: torch.Tensor
+    targets: torch.Tensor
+    sample_index: torch.Tensor
+    kept: torch.Tensor
+    decisions: list[torch.Tensor]
+
+
+@dataclass
+class InferOutput:
+    """Result of the token-removing inference forward.
+
+    Attributes:
+        hidden: (B, L', D) final hidden states (before the final norm) of the surviving slots.
+        state: layout of those slots (``state.orig_index`` maps back to the input).
+        kept_patches: S tensors (B, N) bool, which image patches are alive after each stage.
+        cache: per-layer KV cache (when ``use_cache``), layers may hold different lengths.
+        stage_valid: valid-key mask of the cache of each stage (stage 0 = before any pruning).
+        layer_stage: stage whose layout each layer ran on.
+    """
+
+    hidden: torch.Tensor
+    state: SeqState
+    kept_patches: list[torch.Tensor]
+    cache: object | None = None
+    stage_valid: list[torch.Tensor] = field(default_factory=list)
+    layer_stage: list[int] = field(default_factory=list)
+
+
+class PrunedLlava(nn.Module):
+    """A frozen ``LlavaForConditionalGeneration`` with a :class:`PruningMethod`.
+
+    Args:
+        llava: the base model; all its parameters are frozen and it stays in eval mode.
+        method: pruning method (None = the unmodified model).
+        gradient_checkpointing: recompute decoder layers in backward (training path).
+    """
+
+    def __init__(self, llava: nn.Module, method: PruningMethod | None = None, gradient_checkpointing: bool = False):
+        super().__init__()
+        self.llava = adapter.prepare_frozen(llava)
+        self.dims = adapter.text_dims(llava.config)
+        self.method = method
+        if method is not None:
+            method.bind(self.dims)
+        self.gradient_checkpointing = gradient_checkpointing
+        self._checkpoint = adapter.set_gradient_checkpointing_fn()
+
+    def train(self, mode: bool = True) -> PrunedLlava:
+        super().train(mode)
+        self.llava.eval()  # frozen base: no dropout, ever
+        return self
+
+    @property
+    def points(self) -> dict[int, int]:
+        """after_layer -> stage index."""
+        return {layer: s for s, layer in enumerate(self.method.after_layers)} if self.method else {}
+
+    # ----------------------------------------------------------------------------------- shared
+    def initial_state(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        prompt_mask: torch.Tensor | None = None,
+    ) -> tuple[SeqState, torch.Tensor]:
+        """Embeds the inputs and builds the input layout; returns it and the vision hidden states."""
+        embeds, vision, feats = adapter.merge_image_features(self.llava, input_ids, pixel_values)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}")
+        valid = attention_mask.bool()
+        vision = vision & valid
+        text = valid & ~vision
+        key_text = text if prompt_mask is None else (prompt_mask.bool() & text)
+        b, t = input_ids.shape
+        state = SeqState(
+            hidden=embeds,
+            position_ids=positions_from_mask(attention_mask),
+            valid=valid,
+            vision=vision,
+            key_text=key_text,
+            orig_index=torch.arange(t, device=input_ids.device).expand(b, t),
+            patch_index=torch.where(vision, vision.long().cumsum(1) - 1, -1),
+            n_vision=vision.sum(1),
+        )
+        return state, feats.vision_hidden
+
+    def _layer(self, i: int, hidden, mask, position_ids, pos_emb, cache=None, keep=None) -> torch.Tensor:
+        if self.gradient_checkpointing and torch.is_grad_enabled() and cache is None:
+            fn = lambda h, k: adapter.run_layer(self.llava, i, h, mask, position_ids, pos_emb, None, k)  # noqa: E731
+            return self._checkpoint(fn, hidden, keep)
+        return adapter.run_layer(self.llava, i, hidden, mask, position_ids, pos_emb, cache, keep)
+
+    def label_logits(self, hidden: torch.Tensor, state: SeqState, labels: torch.Tensor):
+        """Logits only where the next token is a label (saves the (B, T, V) tensor).
+
+        Works for pruned layouts: a slot with original index o predicts label o + 1 (answer tokens
+        are text and follow text, so they are never pruned).
+
+        Returns:
+            logits (N, V), targets (N,), sample_index (N,).
+        """
+        shifted = F.pad(labels[:, 1:], (0, 1), value=-100)  # label of the NEXT original position
+        targets = shifted.gather(1, state.orig_index).masked_fill(~state.valid, -100)
+        sel = targets != -100
+        h = adapter.final_norm(self.llava, hidden[sel])
+        logits = adapter.lm_head(self.llava)(h)
+        return logits, targets[sel], sel.nonzero()[:, 0]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, L, V) logits of final hidden states."""
+        return adapter.lm_head(self.llava)(adapter.final_norm(self.llava, hidden))
+
+    # ----------------------------------------------------------------------------- training path
+    def forward_train(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        prompt_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        tau: float = 1.0,
+        decisions: Sequence[torch.Tensor] | None = None,
+    ) -> TrainOutput:
+        """Masked forward of METHOD §3: no token is removed, decisions mask attention (eqs. 7-10).
+
+        Args:
+            input_ids, attention_mask, prompt_mask: (B, T); see docs/DESIGN.md.
+            pixel_values: (B, C, H, W).
+            labels: (B, T) with -100 outside the answers, or None.
+            tau: Gumbel-Softmax temperature.
+            decisions: optional fixed decisions per stage, (B, T) in input coordinates (1 = keep);
+                replaces the Gumbel samples (used to compare with the inference path).
+        """
+        state, vision_hidden = self.initial_state(input_ids, pixel_values, attention_mask, prompt_mask)
+        hidden = state.hidden
+        mask = causal_mask(state.valid, hidden.shape[1])
+        pos_emb = adapter.rotary(self.llava, hidden, state.position_ids)
+        vision_f = state.vision.to(hidden.dtype)
+        keep, cumulative, kept, all_decisions = None, None, [], []
+        for i in range(self.dims.num_layers):
+            hidden = self._layer(i, hidden, mask, state.position_ids, pos_emb, keep=keep)
+            s = self.points.get(i + 1)
+            if s is None:
+                continue
+            state.hidden = hidden
+            if decisions is not None:
+                d = decisions[s].to(hidden.dtype) * vision_f
+            else:
+                d = self.method.decide(state, StageContext(s, i, vision_hidden), tau).to(hidden.dtype)
+            cumulative = d if cumulative is None else d * cumulative  # eq. 10: dropped stays dropped
+            keep = torch.where(state.vision, cumulative, torch.ones_like(cumulative))  # eq. 7 columns
+            kept.append(cumulative.sum(1) / state.n_vision.clamp(min=1))
+            all_decisions.append(cumulative)
+        state.hidden = hidden
+        b = input_ids.shape[0]
+        kept_t = torch.stack(kept, 1) if kept else hidden.new_zeros(b, 0)
+        if labels is None:
+            empty = hidden.new_zeros(0, self.dims.vocab_size)
+            return TrainOutput(None, empty, labels, labels, kept_t, all_decisions)
+        logits, targets, rows = self.label_logits(hidden, state, labels)
+        loss = F.cross_entropy(logits.float(), targets) if targets.numel() else logits.sum() * 0.0
+        return TrainOutput(loss, logits, targets, rows, kept_t, all_decisions)
+
+    # ---------------------------------------------------------------------------- inference path
+    def forward_infer(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        prompt_mask: torch.Tensor | None = None,
+        ratios: Sequence[float | None] | None = None,
+        decisions: Sequence[torch.Tensor] | None = None,
+        use_cache: bool = False,
+    ) -> InferOutput:
+        """Token-removing forward (METHOD §4).
+
+        Args:
+            ratios: kept fraction of the ORIGINAL vision tokens per stage; None = the method's
+                default schedule. Set at call time, independent of training.
+            decisions: optional fixed keep masks per stage, (B, T) bool in input coordinates,
+                instead of the method's choice (counts may differ per sample).
+            use_cache: build the per-layer KV cache for :meth:`generate`.
+        """
+        state, vision_hidden = self.initial_state(input_ids, pixel_values, attention_mask, prompt_mask)
+        state = state.select(state.valid)  # padding out; rows left-packed
+        ratios = self.method.resolve_ratios(ratios) if self.method else []
+        cache = adapter.new_cache(self.llava) if use_cache else None
+        stage_valid, layer_stage, kept_patches = [state.valid], [], []
+        n_patches = int(state.n_vision.max())
+
+        def layout(st: SeqState):
+            return causal_mask(st.valid, st.valid.shape[1]), adapter.rotary(self.llava, st.hidden, st.position_ids)
+
+        mask, pos_emb = layout(state)
+
+        def prune(st: SeqState, s: int, i: int | None, layer_input, mask, pos_emb) -> SeqState:
+            row = None
+            if i is not None:
+                row = lambda q: adapter.attention_probs(self.llava, i, layer_input, pos_emb, q, mask)  # noqa: E731
+            if decisions is not None:
+                chosen = decisions[s].bool().gather(1, st.orig_index)
+                keep = (st.valid & ~st.vision) | (chosen & st.alive_vision)
+            else:
+                keep = self.method.select(st, StageContext(s, i, vision_hidden, row), ratios[s])
+            st = st.select(keep)
+            alive = torch.zeros(st.valid.shape[0], n_patches + 1, dtype=torch.bool, device=keep.device)
+            alive.scatter_(1, torch.where(st.alive_vision, st.patch_index, n_patches), True)
+            kept_patches.append(alive[:, :n_patches])
+            stage_valid.append(st.valid)
+            return st
+
+        if 0 in self.points:
+            state = prune(state, self.points[0], None, None, None, None)
+            mask, pos_emb = layout(state)
+        for i in range(self.dims.num_layers):
+            layer_stage.append(len(stage_valid) - 1)
+            layer_input = state.hidden
+            state.hidden = self._layer(i, layer_input, mask, state.position_ids, pos_emb, cache)
+            s = self.points.get(i + 1)
+            if s is not None:
+                state = prune(state, s, i, layer_input, mask, pos_emb)
+                mask, pos_emb = layout(state)
+        return InferOutput(state.hidden, state, kept_patches, cache, stage_valid, layer_stage)
+
+    # -------------------------------------------------------------------------------- generation
+    def _decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, out: InferOutput) -> torch.Tensor:
+        """One cached decode step for tokens (B,) at positions (B,); returns next-token logits (B, V)."""
+        hidden = adapter.embed_tokens(self.llava, tokens[:, None])
+        pos = positions[:, None]
+        ones = torch.ones_like(tokens, dtype=torch.bool)[:, None]
+        out.stage_valid = [torch.cat([v, ones], 1) for v in out.stage_valid]
+        masks = [causal_mask(v, 1) for v in out.stage_valid]
+        pos_emb = adapter.rotary(self.llava, hidden, pos)
+        for i in range(self.dims.num_layers):
+            hidden = adapter.run_layer(self.llava, i, hidden, masks[out.layer_stage[i]], pos, pos_emb, out.cache)
+        return self.logits(hidden)[:, -1]
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        prompt_mask: torch.Tensor | None = None,
+        ratios: Sequence[float | None] | None = None,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        eos_token_id: int | None = None,
+        pad_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Greedy or sampled decoding with the pruned KV cache (every step sees each layer's pruned cache).
+
+        Returns:
+            (B, n) new token ids, ``pad_token_id`` after a sample's ``eos_token_id``.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        eos = adapter.eos_token_id(self.llava) if eos_token_id is None else eos_token_id
+        pad = adapter.pad_token_id(self.llava) if pad_token_id is None else pad_token_id
+        out = self.forward_infer(input_ids, pixel_values, attention_mask, prompt_mask, ratios, use_cache=True)
+        logits = self.logits(out.hidden[:, -1:])[:, -1]
+        positions = attention_mask.long().sum(1)  # next original position (positions are cumsum - 1)
+        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        new_tokens = []
+        for step in range(max_new_tokens):
+            tok = sample_next(logits, do_sample, temperature, top_k, top_p, generator)
+            tok = torch.where(finished, torch.full_like(tok, pad), tok)
+            new_tokens.append(tok)
+            if eos is not None:
+                finished |= tok == eos
+            if bool(finished.all()) or step == max_new_tokens - 1:
+                break
+            logits = self._decode_step(tok, positions, out)
+            positions = positions + 1
+        if not new_tokens:
+            return input_ids.new_zeros(input_ids.shape[0], 0)
+        return torch.stack(new_tokens, 1)

@@ -8,9 +8,11 @@ the vision tower's CLS similarity). The model does the removal; methods only dec
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -114,6 +116,22 @@ class PruningMethod(nn.Module):
     """
 
     trainable: ClassVar[bool] = False
+    init_args: dict[str, Any]
+
+    def __init_subclass__(cls, **kwargs):
+        """Records each subclass's constructor arguments in ``init_args`` (for save/load and export)."""
+        super().__init_subclass__(**kwargs)
+        init = cls.__init__
+
+        @functools.wraps(init)
+        def recording_init(self, *args, **kw):
+            init(self, *args, **kw)
+            bound = inspect.signature(init).bind(self, *args, **kw)
+            bound.apply_defaults()
+            recorded = {k: list(v) if isinstance(v, tuple) else v for k, v in bound.arguments.items() if k != "self"}
+            self.init_args = recorded  # the outermost subclass call writes last
+
+        cls.__init__ = recording_init
 
     def __init__(self, after_layers: Sequence[int], keep_ratios: Sequence[float | None]):
         super().__init__()

@@ -76,6 +76,18 @@ def load_llava(path: str, dtype: torch.dtype = torch.float32, device: str | torc
     return prepare_frozen(model)
 
 
+def save_llava(model: LlavaForConditionalGeneration, folder: str, processor_from: str | None = None) -> None:
+    """``save_pretrained`` of the weights and config, plus the processor of ``processor_from`` if it has one."""
+    from transformers import AutoProcessor
+
+    model.save_pretrained(folder)
+    if processor_from and os.path.isdir(processor_from):
+        try:
+            AutoProcessor.from_pretrained(processor_from).save_pretrained(folder)
+        except (OSError, ValueError) as err:  # a bare config folder has no processor: nothing to copy
+            raise ValueError(f"cannot copy the processor of {processor_from!r} to {folder!r}: {err}") from err
+
+
 def load_config(path: str) -> LlavaConfig:
     """The ``LlavaConfig`` of a model folder / hub id, or of a bare ``config.json`` file."""
     if path.endswith(".json"):
@@ -89,7 +101,9 @@ def load_config(path: str) -> LlavaConfig:
 def build_from_config(config: LlavaConfig, dtype: torch.dtype = torch.float32) -> LlavaForConditionalGeneration:
     """Random-weight LLaVA from a config (on the current default device, e.g. ``meta``)."""
     register_attention()
-    return LlavaForConditionalGeneration._from_config(copy.deepcopy(config), attn_implementation=_attn_config(), dtype=dtype)
+    return LlavaForConditionalGeneration._from_config(
+        copy.deepcopy(config), attn_implementation=_attn_config(), dtype=dtype
+    )
 
 
 @dataclass(frozen=True)
@@ -108,7 +122,9 @@ def text_dims(config: LlavaConfig) -> TextDims:
     """:class:`TextDims` of a ``LlavaConfig``."""
     tc = config.text_config
     head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
-    return TextDims(tc.hidden_size, tc.num_hidden_layers, tc.num_attention_heads, head_dim, tc.intermediate_size, tc.vocab_size)
+    return TextDims(
+        tc.hidden_size, tc.num_hidden_layers, tc.num_attention_heads, head_dim, tc.intermediate_size, tc.vocab_size
+    )
 
 
 def image_token_id(model: LlavaForConditionalGeneration) -> int:

@@ -45,7 +45,12 @@ def keep_attend_mask(base_mask: torch.Tensor, keep: torch.Tensor) -> torch.Tenso
 
 
 def masked_attention_reference(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, base_mask: torch.Tensor, keep: torch.Tensor, scale: float
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    base_mask: torch.Tensor,
+    keep: torch.Tensor,
+    scale: float,
 ) -> torch.Tensor:
     """Literal eq. 9 with plain autograd (reference for tests; materialises several (T, T) tensors).
 

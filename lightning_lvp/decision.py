@@ -31,7 +31,11 @@ class CrossAttentionBlock(nn.Module):
         self.v_proj = nn.Linear(dim, dim)
         self.o_proj = nn.Linear(dim, dim)
         self.ffn = nn.Sequential(
-            nn.LayerNorm(dim), nn.Linear(dim, ffn_mult * dim), nn.SiLU(), nn.Linear(ffn_mult * dim, dim), nn.LayerNorm(dim)
+            nn.LayerNorm(dim),
+            nn.Linear(dim, ffn_mult * dim),
+            nn.SiLU(),
+            nn.Linear(ffn_mult * dim, dim),
+            nn.LayerNorm(dim),
         )
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
@@ -50,7 +54,10 @@ class CrossAttentionBlock(nn.Module):
         """
         q = self.q_proj(x)
         attn = F.scaled_dot_product_attention(
-            self._heads(q), self._heads(self.k_proj(text)), self._heads(self.v_proj(text)), attn_mask=text_mask[:, None, None, :]
+            self._heads(q),
+            self._heads(self.k_proj(text)),
+            self._heads(self.v_proj(text)),
+            attn_mask=text_mask[:, None, None, :],
         )  # (B, H, Nv, C/H)
         o = self.o_proj(attn.transpose(1, 2).reshape(q.shape)) + q  # residual on Q
         return self.ffn(o)

@@ -77,9 +77,18 @@ class PrunedLlava(nn.Module):
         gradient_checkpointing: recompute decoder layers in backward (training path).
     """
 
-    def __init__(self, llava: nn.Module, method: PruningMethod | None = None, gradient_checkpointing: bool = False):
+    def __init__(
+        self,
+        llava: nn.Module,
+        method: PruningMethod | None = None,
+        gradient_checkpointing: bool = False,
+        frozen: bool = True,
+    ):
         super().__init__()
+        self.frozen = frozen
         self.llava = adapter.prepare_frozen(llava)
+        if not frozen:  # only for training a (tiny) base model from scratch, never with LVPruning
+            self.llava.requires_grad_(True)
         self.dims = adapter.text_dims(llava.config)
         self.method = method
         if method is not None:
@@ -89,7 +98,8 @@ class PrunedLlava(nn.Module):
 
     def train(self, mode: bool = True) -> PrunedLlava:
         super().train(mode)
-        self.llava.eval()  # frozen base: no dropout, ever
+        if self.frozen:
+            self.llava.eval()  # frozen base: no dropout, ever
         return self
 
     @property
@@ -104,13 +114,20 @@ class PrunedLlava(nn.Module):
         pixel_values: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         prompt_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> tuple[SeqState, torch.Tensor]:
-        """Embeds the inputs and builds the input layout; returns it and the vision hidden states."""
+        """Embeds the inputs and builds the input layout; returns it and the vision hidden states.
+
+        ``position_ids`` defaults to ``cumsum(attention_mask) - 1``; pass the original positions when
+        the mask hides tokens inside the sequence (token-drop curriculum).
+        """
         embeds, vision, feats = adapter.merge_image_features(self.llava, input_ids, pixel_values)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}")
+            raise ValueError(
+                f"attention_mask shape {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}"
+            )
         valid = attention_mask.bool()
         vision = vision & valid
         text = valid & ~vision
@@ -118,7 +135,7 @@ class PrunedLlava(nn.Module):
         b, t = input_ids.shape
         state = SeqState(
             hidden=embeds,
-            position_ids=positions_from_mask(attention_mask),
+            position_ids=positions_from_mask(attention_mask) if position_ids is None else position_ids,
             valid=valid,
             vision=vision,
             key_text=key_text,
@@ -164,6 +181,7 @@ class PrunedLlava(nn.Module):
         labels: torch.Tensor | None = None,
         tau: float = 1.0,
         decisions: Sequence[torch.Tensor] | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> TrainOutput:
         """Masked forward of METHOD §3: no token is removed, decisions mask attention (eqs. 7-10).
 
@@ -174,8 +192,9 @@ class PrunedLlava(nn.Module):
             tau: Gumbel-Softmax temperature.
             decisions: optional fixed decisions per stage, (B, T) in input coordinates (1 = keep);
                 replaces the Gumbel samples (used to compare with the inference path).
+            position_ids: optional original positions (see :meth:`initial_state`).
         """
-        state, vision_hidden = self.initial_state(input_ids, pixel_values, attention_mask, prompt_mask)
+        state, vision_hidden = self.initial_state(input_ids, pixel_values, attention_mask, prompt_mask, position_ids)
         hidden = state.hidden
         mask = causal_mask(state.valid, hidden.shape[1])
         pos_emb = adapter.rotary(self.llava, hidden, state.position_ids)

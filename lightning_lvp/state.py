@@ -76,7 +76,9 @@ class SeqState:
         """
         index, valid = pack_index(keep & self.valid)
         per_token = {
-            f.name: gather_rows(getattr(self, f.name), index) for f in fields(self) if f.name not in ("n_vision", "valid")
+            f.name: gather_rows(getattr(self, f.name), index)
+            for f in fields(self)
+            if f.name not in ("n_vision", "valid")
         }
         new = replace(self, valid=valid, **per_token)
         new.vision = new.vision & valid

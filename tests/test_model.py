@@ -56,7 +56,11 @@ def test_rho_one_is_the_base_model_and_no_method_is_untouched():
     with torch.no_grad():
         refs = []
         for i, n in enumerate(lengths):  # each sample alone, unpadded, through HF's own forward
-            refs.append(base(input_ids=batch["input_ids"][i : i + 1, -n:], pixel_values=batch["pixel_values"][i : i + 1]).logits[0])
+            refs.append(
+                base(
+                    input_ids=batch["input_ids"][i : i + 1, -n:], pixel_values=batch["pixel_values"][i : i + 1]
+                ).logits[0]
+            )
         before = base(input_ids=batch["input_ids"][:1, -lengths[0] :], pixel_values=batch["pixel_values"][:1]).logits
         model = PrunedLlava(base, make_method())
         after = base(input_ids=batch["input_ids"][:1, -lengths[0] :], pixel_values=batch["pixel_values"][:1]).logits
@@ -120,8 +124,15 @@ def test_cached_generation_matches_recomputation():
             ids = torch.cat([ids, nxt[:, None]], 1)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
             prompt = torch.cat([prompt, torch.zeros_like(prompt[:, :1])], 1)
-    sampled = model.generate(**inputs(batch), max_new_tokens=4, do_sample=True, top_k=5, top_p=0.9,
-                             generator=torch.Generator().manual_seed(1), eos_token_id=-1)
+    sampled = model.generate(
+        **inputs(batch),
+        max_new_tokens=4,
+        do_sample=True,
+        top_k=5,
+        top_p=0.9,
+        generator=torch.Generator().manual_seed(1),
+        eos_token_id=-1,
+    )
     assert sampled.shape == (2, 4)
 
 

@@ -1,0 +1,219 @@
+"""Callbacks: inference-ratio sweep at validation (+ plot, + final table) and pruning pictures."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from torchmetrics import MeanMetric  # noqa: E402
+
+from lightning_lvp.evaluate import model_inputs, score_batch  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+
+def schedule_name(ratios: list[float] | None) -> str:
+    """``base`` for the unpruned model, else ``rho<first ratio>`` (``rho0.5`` for [0.5, 0.3, 0.1])."""
+    return "base" if ratios is None else f"rho{ratios[0]:g}"
+
+
+def paper_schedule(rho: float, stages: int = 3, step: float = 0.2) -> list[float]:
+    """[rho, rho - 0.2, rho - 0.4, ...] (METHOD §2), rounded to avoid float noise."""
+    return [round(rho - step * s, 6) for s in range(stages)]
+
+
+@torch.no_grad()
+def count_schedule_flops(model, batch: dict[str, Any], ratios: list[float] | None) -> float:
+    """FLOPs of the token-removing forward for the FIRST sample of ``batch`` (base: no method)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    one = {k: v[:1] for k, v in model_inputs(batch, next(model.parameters()).device).items()}
+    method = model.method
+    try:
+        if ratios is None:
+            model.method = None
+        with FlopCounterMode(display=False) as counter:
+            out = model.forward_infer(**one, ratios=ratios)
+            model.logits(out.hidden[:, -1:])  # next-token head, as in generation
+    finally:
+        model.method = method
+    return float(counter.get_total_flops())
+
+
+class RatioSweep(L.Callback):
+    """Validation under several inference schedules plus the unpruned model.
+
+    Logs ``val/acc@<name>`` and ``val/tflops@<name>`` per schedule, a metric-vs-TFLOPs figure to
+    TensorBoard, writes ``sweep.json`` into the log folder and prints the table when fit ends.
+
+    Args:
+        rhos: first-stage ratios; each becomes [rho, rho-0.2, rho-0.4] (clipped to the stage count).
+        schedules: explicit per-stage schedules (used instead of ``rhos`` when given).
+        include_base: also evaluate the unpruned model.
+        every_n_epochs: run on every n-th validation epoch (always on the last).
+    """
+
+    def __init__(
+        self,
+        rhos: list[float] = (0.6, 0.5, 0.45),
+        schedules: list[list[float]] | None = None,
+        include_base: bool = True,
+        every_n_epochs: int = 1,
+    ):
+        self.rhos, self.explicit, self.include_base, self.every = list(rhos), schedules, include_base, every_n_epochs
+        self.metrics: dict[str, MeanMetric] = {}
+        self.flops: dict[str, float] = {}
+        self.last: list[dict[str, Any]] = []
+
+    def _schedules(self, pl_module) -> list[list[float] | None]:
+        stages = pl_module.method.num_stages if pl_module.method is not None else 0
+        scheds = [list(s) for s in self.explicit] if self.explicit else [paper_schedule(r, stages) for r in self.rhos]
+        if not stages:
+            scheds = []
+        return ([None] if self.include_base else []) + scheds
+
+    def _active(self, trainer) -> bool:
+        return not trainer.sanity_checking and (
+            (trainer.current_epoch + 1) % self.every == 0 or trainer.current_epoch + 1 >= (trainer.max_epochs or 1)
+        )
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self.metrics = {schedule_name(s): MeanMetric().to(pl_module.device) for s in self._schedules(pl_module)}
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if not self._active(trainer):
+            return
+        stages = pl_module.method.num_stages if pl_module.method is not None else 0
+        for sched in self._schedules(pl_module):
+            name = schedule_name(sched)
+            ratios = [1.0] * stages if sched is None and stages else sched  # rho = 1 is exactly the base
+            res = score_batch(pl_module.model, batch, ratios)
+            self.metrics[name].update(res["correct"].float().to(pl_module.device))
+            if name not in self.flops:
+                self.flops[name] = count_schedule_flops(pl_module.model, batch, sched)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not self._active(trainer) or not self.metrics:
+            return
+        rows = []
+        for sched in self._schedules(pl_module):
+            name = schedule_name(sched)
+            acc = float(self.metrics[name].compute())  # synced over ranks
+            tflops = self.flops.get(name, float("nan")) / 1e12
+            pl_module.log(f"val/acc@{name}", acc, sync_dist=False, rank_zero_only=True)
+            pl_module.log(f"val/tflops@{name}", tflops, rank_zero_only=True)
+            rows.append({"schedule": name, "ratios": sched, "accuracy": acc, "tflops": tflops})
+        self.last = rows
+        if trainer.is_global_zero:
+            self._plot(trainer, rows)
+            if trainer.log_dir:
+                Path(trainer.log_dir).mkdir(parents=True, exist_ok=True)
+                (Path(trainer.log_dir) / "sweep.json").write_text(json.dumps(rows, indent=2))
+
+    def _plot(self, trainer, rows: list[dict[str, Any]]) -> None:
+        experiment = getattr(trainer.logger, "experiment", None)
+        if not hasattr(experiment, "add_figure"):
+            return
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.plot([r["tflops"] for r in rows], [100 * r["accuracy"] for r in rows], "o-")
+        for r in rows:
+            ax.annotate(r["schedule"], (r["tflops"], 100 * r["accuracy"]), textcoords="offset points", xytext=(4, 4))
+        ax.set_xlabel("TFLOPs (1 sample, token-removing forward)")
+        ax.set_ylabel("val accuracy (%)")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        experiment.add_figure("val/acc_vs_tflops", fig, global_step=trainer.global_step)
+        plt.close(fig)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero and self.last:
+            print(format_sweep(self.last, trainer.log_dir))
+
+
+def format_sweep(rows: list[dict[str, Any]], log_dir: str | None) -> str:
+    """The table printed at the end of fit."""
+    base = next((r for r in rows if r["schedule"] == "base"), None)
+    lines = ["", "Ratio sweep (validation, token-removing inference path):"]
+    lines.append(f"{'schedule':<10} {'ratios':<22} {'accuracy':>9} {'TFLOPs':>10} {'vs base':>8}")
+    for r in rows:
+        rel = f"{r['tflops'] / base['tflops']:.2f}x" if base and base["tflops"] else ""
+        ratios = "-" if r["ratios"] is None else str(r["ratios"])
+        lines.append(f"{r['schedule']:<10} {ratios:<22} {100 * r['accuracy']:>8.1f}% {r['tflops']:>10.2e} {rel:>8}")
+    if log_dir:
+        lines.append(f"TensorBoard logs: {log_dir}  (tensorboard --logdir {Path(log_dir).parent})")
+    return "\n".join(lines)
+
+
+class PruningPictures(L.Callback):
+    """Logs validation images with the patches kept at each stage highlighted (TensorBoard figure).
+
+    Args:
+        num_images: how many images of the first validation batch to draw.
+        ratios: inference schedule to draw (None = the method's keep_ratios).
+    """
+
+    def __init__(self, num_images: int = 4, ratios: list[float] | None = None):
+        self.num_images, self.ratios = num_images, ratios
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if batch_idx != 0 or trainer.sanity_checking or not trainer.is_global_zero or pl_module.method is None:
+            return
+        experiment = getattr(trainer.logger, "experiment", None)
+        if not hasattr(experiment, "add_figure"):
+            return
+        n = min(self.num_images, batch["input_ids"].shape[0])
+        sub = {k: (v[:n] if torch.is_tensor(v) else v[:n] if isinstance(v, list) else v) for k, v in batch.items()}
+        with torch.no_grad():
+            out = pl_module.model.forward_infer(**model_inputs(sub), ratios=self.ratios)
+        fig = draw_pruning(sub, out.kept_patches, pl_module.method.after_layers, _tokenizer(trainer))
+        experiment.add_figure("val/pruning", fig, global_step=trainer.global_step)
+        plt.close(fig)
+
+
+def _tokenizer(trainer):
+    processor = getattr(getattr(trainer, "datamodule", None), "processor", None)
+    return getattr(processor, "tokenizer", None)
+
+
+def question_text(batch: dict[str, Any], i: int, tokenizer) -> str:
+    """The last words of sample i's prompt (its question), for figure titles."""
+    if tokenizer is None:
+        return ""
+    ids = batch["input_ids"][i][batch["prompt_mask"][i].bool()].tolist()
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    return text[-48:]
+
+
+def draw_pruning(batch: dict[str, Any], kept: list[torch.Tensor], after_layers: list[int], tokenizer=None):
+    """Figure: one row per sample, the image then the kept patches after each stage.
+
+    Args:
+        batch: with ``pixel_values`` (B, C, H, W).
+        kept: per stage (B, N) bool over the image's patches (row-major grid).
+    """
+    pix = batch["pixel_values"].float()
+    b, grid = pix.shape[0], int(round(kept[0].shape[1] ** 0.5))
+    fig, axes = plt.subplots(b, len(kept) + 1, figsize=(2.2 * (len(kept) + 1), 2.3 * b), squeeze=False)
+    for i in range(b):
+        img = pix[i].permute(1, 2, 0)
+        img = ((img - img.min()) / (img.max() - img.min() + 1e-8)).cpu().numpy()
+        axes[i, 0].imshow(img.squeeze(), cmap="gray" if img.shape[-1] == 1 else None)
+        axes[i, 0].set_title(question_text(batch, i, tokenizer), fontsize=6)
+        for s, k in enumerate(kept):
+            mask = k[i].reshape(grid, grid).float().cpu()
+            mask = torch.nn.functional.interpolate(mask[None, None], size=img.shape[:2], mode="nearest")[0, 0]
+            shown = img * (0.25 + 0.75 * mask.numpy()[..., None])
+            axes[i, s + 1].imshow(shown.squeeze())
+            axes[i, s + 1].set_title(f"after layer {after_layers[s]}: {int(k[i].sum())} kept", fontsize=7)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig

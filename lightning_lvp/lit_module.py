@@ -1,0 +1,228 @@
+"""LightningModule: steps, losses, optimizer and logging around :class:`PrunedLlava` (no model maths here)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+
+from lightning_lvp import adapter
+from lightning_lvp.curriculum import TokenDropCurriculum
+from lightning_lvp.decision import ratio_loss
+from lightning_lvp.evaluate import model_inputs, per_sample_exact_match
+from lightning_lvp.methods.base import PruningMethod
+from lightning_lvp.model import PrunedLlava
+
+log = logging.getLogger(__name__)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def warmup_cosine(step: int, total: int, warmup: int, schedule: str) -> float:
+    """LR multiplier: linear warm-up, then cosine decay to 0 (LLaVA / HF ``cosine``) or constant."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class LVPModule(L.LightningModule):
+    """Trains LVPruning decision modules on a frozen LLaVA (or, for the CPU demo, a tiny base).
+
+    Args:
+        model_path: llava-hf format LLaVA: hub id (e.g. llava-hf/llava-1.5-7b-hf) or local folder.
+        method: pruning method (class_path/init_args), e.g. lightning_lvp.methods.LVPruning.
+        from_scratch: random weights from model_path's config instead of its weights (tiny demo base).
+        train_base: train every LLaVA weight without pruning (tiny demo base only; method must be None).
+        dtype: dtype of the LLaVA weights (use trainer.precision bf16-mixed for mixed precision).
+        lambda_causal: weight of the instruction-tuning loss L_causal.
+        lambda_ratio: weight of the kept-ratio loss L_ratio.
+        ratio_loss: "mse" (paper) or "huber".
+        ratio_beta: Huber transition point.
+        tau: Gumbel-Softmax temperature (at the start if tau_final is set).
+        tau_final: temperature reached at the end of training (linear schedule); None = constant tau.
+        optimizer: optimizer over the trainable parameters only (class_path/init_args; lr etc. in config).
+        warmup_ratio: fraction of the training steps with linear LR warm-up (paper: 0.03).
+        lr_schedule: "cosine" (paper) or "constant" after warm-up.
+        gradient_checkpointing: recompute LLM layers in backward (activations still carry gradients to the modules).
+        val_ratios: inference schedule of val/acc; None = the method's keep_ratios.
+        curriculum: token-drop curriculum while training a base from scratch (see lightning_lvp/curriculum.py).
+        curriculum_start: vision tokens shown at the start of the curriculum.
+        curriculum_window: training samples per curriculum accuracy window.
+        save_base_to: after fit, save the trained base (train_base only) to this folder with save_pretrained.
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        method: PruningMethod | None = None,
+        from_scratch: bool = False,
+        train_base: bool = False,
+        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        lambda_causal: float = 1.0,
+        lambda_ratio: float = 1.0,
+        ratio_loss: Literal["mse", "huber"] = "mse",
+        ratio_beta: float = 0.5,
+        tau: float = 1.0,
+        tau_final: float | None = None,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        warmup_ratio: float = 0.03,
+        lr_schedule: Literal["cosine", "constant"] = "cosine",
+        gradient_checkpointing: bool = False,
+        val_ratios: list[float] | None = None,
+        curriculum: bool = False,
+        curriculum_start: int = 4,
+        curriculum_window: int = 256,
+        save_base_to: str | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["method", "optimizer"])
+        self._validate(method)
+        self.config = adapter.load_config(model_path)
+        self.method = method
+        if method is not None:
+            method.bind(adapter.text_dims(self.config))
+        self.optimizer_fn = optimizer
+        self.model: PrunedLlava | None = None
+        self.curriculum = None
+        if curriculum:
+            self.curriculum = TokenDropCurriculum(
+                max_n=int(self.config.image_seq_length), start_n=curriculum_start, window=curriculum_window
+            )
+
+    def _validate(self, method: PruningMethod | None) -> None:
+        hp = self.hparams
+        if hp.train_base and method is not None:
+            raise ValueError("model.train_base trains the base model without pruning: set model.method to null")
+        if not hp.train_base and method is None:
+            raise ValueError("model.method is required (e.g. class_path: lightning_lvp.methods.LVPruning)")
+        if method is not None and not method.trainable:
+            raise ValueError(f"model.method {type(method).__name__} is training-free: use `sweep`, not `fit`")
+        if hp.curriculum and not hp.train_base:
+            raise ValueError("model.curriculum is for training a base from scratch (model.train_base: true)")
+        for name in ("lambda_causal", "lambda_ratio"):
+            if getattr(hp, name) < 0:
+                raise ValueError(f"model.{name} must be >= 0, got {getattr(hp, name)}")
+        if hp.tau <= 0 or (hp.tau_final is not None and hp.tau_final <= 0):
+            raise ValueError(f"model.tau and model.tau_final must be > 0, got {hp.tau}, {hp.tau_final}")
+        if not 0.0 <= hp.warmup_ratio < 1.0:
+            raise ValueError(f"model.warmup_ratio must be in [0, 1), got {hp.warmup_ratio}")
+        if hp.ratio_loss not in ("mse", "huber"):
+            raise ValueError(f"model.ratio_loss must be 'mse' or 'huber', got {hp.ratio_loss!r}")
+
+    # ------------------------------------------------------------------------------ model set-up
+    def configure_model(self) -> None:
+        """Loads (or builds) the LLaVA once per process; Lightning calls it before fit/validate."""
+        if self.model is not None:
+            return
+        hp = self.hparams
+        dtype = DTYPES[hp.dtype]
+        if hp.from_scratch:
+            llava = adapter.build_from_config(self.config, dtype=dtype)
+        else:
+            llava = adapter.load_llava(hp.model_path, dtype=dtype)
+        self.model = PrunedLlava(llava, self.method, hp.gradient_checkpointing, frozen=not hp.train_base)
+
+    @property
+    def stage_names(self) -> list[str]:
+        return [f"layer{layer}" for layer in self.method.after_layers] if self.method else []
+
+    # ------------------------------------------------------------------------------------ steps
+    def current_tau(self) -> float:
+        """Gumbel temperature now: constant, or linear from tau to tau_final over training."""
+        hp = self.hparams
+        if hp.tau_final is None or self._trainer is None:
+            return hp.tau
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        frac = min(1.0, self.global_step / total)
+        return hp.tau + (hp.tau_final - hp.tau) * frac
+
+    def _losses(self, batch: dict[str, Any], stage: str) -> dict[str, torch.Tensor]:
+        hp = self.hparams
+        inputs = model_inputs(batch)
+        if stage == "train" and self.curriculum is not None:
+            inputs["attention_mask"], inputs["position_ids"] = self.curriculum.apply(batch)
+        out = self.model.forward_train(**inputs, labels=batch["labels"], tau=self.current_tau())
+        result = {"loss_causal": out.loss_causal}
+        loss = hp.lambda_causal * out.loss_causal
+        if self.method is not None:
+            targets = torch.tensor(self.method.train_ratios, device=out.kept.device)
+            result["loss_ratio"] = ratio_loss(out.kept, targets, hp.ratio_loss, hp.ratio_beta)
+            loss = loss + hp.lambda_ratio * result["loss_ratio"]
+            for name, kept in zip(self.stage_names, out.kept.mean(0)):
+                result[f"kept_ratio/{name}"] = kept.detach()
+        correct = per_sample_exact_match(out.logits, out.targets, out.sample_index, batch["input_ids"].shape[0])
+        result["acc_masked"] = correct.float().mean()
+        if stage == "train" and self.curriculum is not None:
+            self.curriculum.update(correct.detach().cpu())
+            result["curriculum_n"] = torch.tensor(float(self.curriculum.n))
+        result["loss"] = loss
+        return result
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        res = self._losses(batch, "train")
+        bs = batch["input_ids"].shape[0]
+        for k, v in res.items():
+            show = k in ("loss", "loss_ratio") or k.startswith("kept_ratio") or k == "curriculum_n"
+            self.log(
+                f"train/{k}", v.detach() if torch.is_tensor(v) else v, prog_bar=show, batch_size=bs, sync_dist=True
+            )
+        self.log("train/tau", self.current_tau(), batch_size=bs)
+        return res["loss"]
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        bs = batch["input_ids"].shape[0]
+        res = self._losses(batch, "val")  # masked path: losses and kept ratios on held-out data
+        for k, v in res.items():
+            self.log(f"val/{k}", v, prog_bar=k.startswith("kept_ratio"), batch_size=bs, sync_dist=True)
+        # token-removing inference path at the validation schedule: the deployment accuracy
+        with torch.no_grad():
+            out = self.model.forward_infer(**model_inputs(batch), ratios=self.hparams.val_ratios)
+            logits, targets, rows = self.model.label_logits(out.hidden, out.state, batch["labels"])
+            acc = per_sample_exact_match(logits, targets, rows, bs).float().mean()
+        self.log("val/acc", acc, prog_bar=True, batch_size=bs, sync_dist=True)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[str]:
+        """Greedy answers (token ids) for prompt-only batches."""
+        return self.model.generate(**model_inputs(batch), ratios=self.hparams.val_ratios, max_new_tokens=16)
+
+    # -------------------------------------------------------------------------------- optimizer
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("no trainable parameters: is model.method set?")
+        optimizer = self.optimizer_fn(params)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(self.hparams.warmup_ratio * total)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, total, warmup, self.hparams.lr_schedule)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Pruner (and loop/optimizer) state only: never a copy of the frozen LLaVA."""
+        if not self.hparams.train_base:
+            sd = checkpoint["state_dict"]
+            for key in [k for k in sd if k.startswith("model.llava.")]:
+                del sd[key]
+            # the method is also reachable as model.method: keep one copy
+            for key in [k for k in sd if k.startswith("model.method.")]:
+                del sd[key]
+        if self.curriculum is not None:
+            checkpoint["curriculum"] = self.curriculum.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.curriculum is not None and "curriculum" in checkpoint:
+            self.curriculum.load_state_dict(checkpoint["curriculum"])
+        if not self.hparams.train_base:
+            self.strict_loading = False  # the frozen LLaVA comes from model_path, not the checkpoint
+
+    def on_fit_end(self) -> None:
+        if self.hparams.train_base and self.hparams.save_base_to and self.trainer.is_global_zero:
+            adapter.save_llava(self.model.llava, self.hparams.save_base_to, self.hparams.model_path)

@@ -14,6 +14,7 @@ from lightning_lvp import adapter
 from lightning_lvp.curriculum import TokenDropCurriculum
 from lightning_lvp.decision import ratio_loss
 from lightning_lvp.evaluate import model_inputs, per_sample_exact_match
+from lightning_lvp.io import method_spec
 from lightning_lvp.methods.base import PruningMethod
 from lightning_lvp.model import PrunedLlava
 
@@ -89,6 +90,8 @@ class LVPModule(L.LightningModule):
             method.bind(adapter.text_dims(self.config))
         self.optimizer_fn = optimizer
         self.model: PrunedLlava | None = None
+        # checkpoints never hold the frozen LLaVA (it comes from model_path), so loading is not strict
+        self.strict_loading = bool(train_base)
         self.curriculum = None
         if curriculum:
             self.curriculum = TokenDropCurriculum(
@@ -216,12 +219,12 @@ class LVPModule(L.LightningModule):
                 del sd[key]
         if self.curriculum is not None:
             checkpoint["curriculum"] = self.curriculum.state_dict()
+        if self.method is not None:  # what `export` needs to rebuild the pruners from any checkpoint
+            checkpoint["lvp_method"] = {"spec": method_spec(self.method), "dims": vars(self.method.dims)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.curriculum is not None and "curriculum" in checkpoint:
             self.curriculum.load_state_dict(checkpoint["curriculum"])
-        if not self.hparams.train_base:
-            self.strict_loading = False  # the frozen LLaVA comes from model_path, not the checkpoint
 
     def on_fit_end(self) -> None:
         if self.hparams.train_base and self.hparams.save_base_to and self.trainer.is_global_zero:

@@ -4,7 +4,9 @@ cache, and a batch with different per-sample counts == each sample alone."""
 import pytest
 import torch
 
+from lightning_lvp import adapter
 from lightning_lvp.methods import ClsKneePruning, FastV, LVPruning, RandomPruning, UniformPruning
+from lightning_lvp.methods.knee import cls_similarity, find_knee
 from lightning_lvp.model import PrunedLlava
 from lightning_lvp.tiny import TinyLlavaSpec, build_tiny_llava
 
@@ -88,8 +90,16 @@ def test_batch_equals_each_sample_alone(llava, batch, name):
 
 
 def test_knee_counts_differ_within_the_batch(llava, batch):
-    """The batch above really exercises dynamic per-sample counts (stage 1 of CLS-knee)."""
+    """The batch above really exercises dynamic per-sample counts, and stage 1 keeps the patches most
+    similar to CLS up to the knee of each image's own curve."""
     out = make_model(llava, "knee").forward_infer(**batch)
     counts = out.kept_patches[0].sum(1)
     assert len(set(counts.tolist())) > 1, counts
+    with torch.no_grad():
+        sims = cls_similarity(adapter.image_features(llava, batch["pixel_values"]).vision_hidden)  # (B, N)
+    expected = (find_knee(sims.sort(1, descending=True).values) + 1).clamp(min=2)  # min_keep=2
+    assert counts.tolist() == expected.tolist()
+    for i, k in enumerate(counts.tolist()):
+        top = sims[i].topk(k).indices.sort().values
+        assert out.kept_patches[0][i].nonzero().squeeze(1).tolist() == top.tolist()
     assert out.kept_patches[1].sum(1).tolist() == torch.floor(0.5 * counts + 0.5).long().tolist()

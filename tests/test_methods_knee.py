@@ -93,7 +93,9 @@ def test_stage1_keeps_the_patches_before_the_knee_per_sample():
 
 
 def test_stage1_clamps_to_min_and_max():
-    sims = [[1.0, 0.5, 0.2, 0.1, 0.05, 0.0, 0.0, 0.0, 0.0, 0.0]]  # chord 1 - x/9: gaps .39, .58, .57 -> knee 2, 3 patches
+    sims = [
+        [1.0, 0.5, 0.2, 0.1, 0.05, 0.0, 0.0, 0.0, 0.0, 0.0]
+    ]  # chord 1 - x/9: gaps .39, .58, .57 -> knee 2, 3 patches
     state = make_state([[True] * 10 + [False]])
     ctx = StageContext(0, None, vision_states(sims))
 

@@ -1,0 +1,388 @@
+"""Real speed behind the FLOPs: prefill, decode, KV cache, training step, attention memory (not a test).
+
+A random-weight LLaVA-shaped model where vision tokens dominate (1 image = 576 tokens at 336 px /
+14 + 30 text tokens, a 16 x 512 Llama LLM with modules after layers 1, 4, 8: the paper's 1, 8, 16
+of 32 scaled) on the CPU. Every number is the median of several runs in one process, the configs
+interleaved run by run so drifting machine load hits all alike; ratios are printed beside the
+absolute numbers. Results and the machine go to docs/BENCHMARKS.md.
+
+    python benchmarks/speed.py                 # ~3-5 min on 2 cores
+    python benchmarks/speed.py --quick         # fewer repeats, smoke run
+    python benchmarks/speed.py --json out.json
+
+Sections: (1) FLOPs per schedule (shape-only count of this very model); (2) prefill latency
+(forward_infer with cache + first logits) and its ratio against the FLOPs ratio; (3) decode
+tokens/s for 64 new tokens (generate(65) - generate(1)); (4) KV-cache bytes after prefill against
+the kept token-layers; (5) masked training step (LVPruning forward_train + ratio loss, backward)
+against a plain frozen forward + backward (same model, no method, SDPA, gradients to the
+projector); (6) peak memory of one attention call, eq. 9 masked vs plain SDPA, forward + backward;
+(7) dispatched-op counts of forward_infer for 576 vs 144 vision tokens (no per-token loops).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from lightning_lvp import adapter
+from lightning_lvp import flops as F
+from lightning_lvp.attention import masked_attention_reference, masked_softmax_attention
+from lightning_lvp.decision import ratio_loss
+from lightning_lvp.methods import LVPruning
+from lightning_lvp.model import PrunedLlava
+from lightning_lvp.state import causal_mask
+from lightning_lvp.tiny import TinyLlavaSpec, tiny_llava_config
+
+PAPER_RHOS = (0.6, 0.5, 0.45)
+
+
+def schedule_of(rho: float, stages: int = 3) -> list[float]:
+    """[rho, rho - 0.2, rho - 0.4] (METHOD §2)."""
+    return [round(rho - 0.2 * s, 6) for s in range(stages)]
+
+
+def bench_spec(layers: int, hidden: int) -> TinyLlavaSpec:
+    """LLaVA-1.5 proportions at CPU size: 336 px / 14 (576 patches), MLP ratio 11008/4096, 64-dim heads."""
+    return TinyLlavaSpec(
+        vocab_size=32064,
+        hidden_size=hidden,
+        intermediate_size=round(hidden * 11008 / 4096),
+        num_layers=layers,
+        num_heads=hidden // 64,
+        num_kv_heads=hidden // 64,
+        vision_hidden_size=256,
+        vision_intermediate_size=1024,
+        vision_layers=4,
+        vision_heads=4,
+        image_size=336,
+        patch_size=14,
+        image_token_id=32000,
+        pad_token_id=32001,
+        vision_feature_layer=-2,
+        max_position_embeddings=4096,
+    )
+
+
+def bench_batch(config, text_tokens: int = 30, answer_tokens: int = 0, batch_size: int = 1, seed: int = 0):
+    """1 image + text (random ids, random pixels); the last ``answer_tokens`` text tokens are labels."""
+    g = torch.Generator().manual_seed(seed)
+    batch = F.dummy_batch(config, text_tokens, batch_size)
+    ids = batch["input_ids"]
+    text = ids != config.image_token_id
+    ids[text] = torch.randint(3, 31000, (int(text.sum()),), generator=g)
+    batch["pixel_values"] = torch.randn(batch["pixel_values"].shape, generator=g)
+    if answer_tokens:
+        answer = torch.zeros_like(text)
+        answer[:, -answer_tokens:] = True
+        batch["labels"] = torch.where(answer, ids, -100)
+        batch["prompt_mask"] = text & ~answer
+    return batch
+
+
+# ---------------------------------------------------------------------------------------- timing
+def interleaved_times(
+    fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1, sync: Callable[[], None] = lambda: None
+) -> dict[str, list[float]]:
+    """Seconds per call of each fn, the fns interleaved run by run (after ``warmup`` untimed rounds)."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(warmup + repeats):
+        for name, fn in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            if r >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def med(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def prefill_fn(model: PrunedLlava, batch, ratios):
+    """Prefill as generate() does it: token-removing forward building the KV cache + first-token logits."""
+
+    def run():
+        with torch.no_grad():
+            out = model.forward_infer(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], None, ratios, use_cache=True)
+            return model.logits(out.hidden[:, -1:])
+
+    return run
+
+
+def generate_fn(model: PrunedLlava, batch, ratios, new_tokens: int):
+    def run():
+        return model.generate(
+            batch["input_ids"], batch["pixel_values"], batch["attention_mask"], ratios=ratios, max_new_tokens=new_tokens, eos_token_id=-1
+        )
+
+    return run
+
+
+def kv_bytes(model: PrunedLlava, batch, ratios) -> int:
+    with torch.no_grad():
+        out = model.forward_infer(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], None, ratios, use_cache=True)
+    return adapter.cache_bytes(out.cache)
+
+
+def kv_expected(config, n_vision: int, n_text: int, after_layers, ratios, dtype_bytes: int, batch: int = 1) -> int:
+    """Bytes of K and V for the kept token-layers: sum_i T_i x 2 x kv_heads x head_dim x bytes."""
+    dims = adapter.text_dims(config)
+    ratios = ratios or [1.0] * len(after_layers)
+    tokens = F.tokens_per_layer(n_vision, n_text, after_layers, ratios, dims.num_layers)
+    return batch * sum(tokens) * 2 * config.text_config.num_key_value_heads * dims.head_dim * dtype_bytes
+
+
+def train_step_fns(llava, method: LVPruning, batch, tau: float = 1.0):
+    """(masked, plain) closures: one forward + backward each (no optimizer step)."""
+    masked_model = PrunedLlava(llava, method).train()
+    plain_model = PrunedLlava(llava, None)
+    projector = adapter.component_modules(llava)["projector"]
+    targets = torch.tensor(method.train_ratios)
+    args = (batch["input_ids"], batch["pixel_values"], batch["attention_mask"], batch["prompt_mask"], batch["labels"])
+
+    def masked():
+        out = masked_model.forward_train(*args, tau=tau)
+        (out.loss_causal + ratio_loss(out.kept, targets)).backward()
+        method.zero_grad(set_to_none=True)
+
+    def plain():
+        projector.requires_grad_(True)  # something upstream of the whole LLM must want a gradient
+        try:
+            plain_model.forward_train(*args).loss_causal.backward()
+        finally:
+            projector.zero_grad(set_to_none=True)
+            projector.requires_grad_(False)
+
+    return masked, plain
+
+
+# ------------------------------------------------------------------------------- attention memory
+class PeakLiveBytes(TorchDispatchMode):
+    """Peak bytes held by tensors created inside the context (every aten op, forward and backward).
+
+    Storage lifetimes are followed with weak references; inputs created before the context are not
+    counted, nor workspace a fused kernel frees before it returns.
+    """
+
+    def __enter__(self):
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.peak = 0
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.live = {k: v for k, v in self.live.items() if not v[0].expired()}
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                storage = t.untyped_storage()
+                self.live.setdefault(storage.data_ptr(), (StorageWeakRef(storage), storage.nbytes()))
+        self.peak = max(self.peak, sum(n for _, n in self.live.values()))
+        return out
+
+
+def saved_bytes(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Runs ``fn`` and returns its output and the bytes autograd saved for backward."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        seen.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
+def attention_memory(b: int, h: int, t: int, dh: int, n_vision: int) -> list[dict]:
+    """Peak live and saved bytes of one attention layer, forward + backward, three implementations."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(b, h, t, dh, generator=g) for _ in range(3))
+    base = causal_mask(torch.ones(b, t, dtype=torch.bool), t)  # (B, 1, T, T)
+    keep = torch.ones(b, t)
+    keep[:, 1 : 1 + n_vision] = (torch.rand(b, n_vision, generator=g) < 0.5).float()  # eq. 7 decisions
+    scale = dh**-0.5
+    impls = {
+        "plain SDPA (causal bool mask)": lambda q, k, v, d: torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=base, scale=scale
+        ),
+        "eq. 9 masked (lightning_lvp.attention)": lambda q, k, v, d: masked_softmax_attention(q, k, v, base, d, scale),
+        "eq. 9 literal reference": lambda q, k, v, d: masked_attention_reference(q, k, v, base, d, scale),
+    }
+    tt = b * h * t * t * 4  # one (B, H, T, T) fp32 tensor
+    rows = []
+    for name, fn in impls.items():
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        d = keep.clone().requires_grad_("SDPA" not in name)
+        with PeakLiveBytes() as mem:
+            out, saved = saved_bytes(lambda: fn(*leaves, d))  # noqa: B023
+            out.square().sum().backward()
+        rows.append({"impl": name, "peak_bytes": mem.peak, "saved_bytes": saved, "peak_in_BHTT": mem.peak / tt, "saved_in_BHTT": saved / tt})
+    return rows
+
+
+# ----------------------------------------------------------------------------------------- ops
+class OpCounter(TorchDispatchMode):
+    def __enter__(self):
+        self.n = 0
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def op_counts(layers: int, hidden: int, method_args: dict, ratios) -> dict[str, int]:
+    """aten ops dispatched by one pruned forward_infer (shape-only) for 576 and 144 vision tokens."""
+    counts = {}
+    for image_size in (336, 168):
+        config = tiny_llava_config(bench_spec(layers, hidden), image_size=image_size)
+        model = F.buildshape_only_context(config, {"class_path": "lightning_lvp.methods.LVPruning", "init_args": method_args})
+        batch = F.dummy_batch(config, 30)
+        with torch.no_grad(), F.shape_only_context(True), OpCounter() as c:
+            model.forward_infer(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], None, ratios)
+        counts[f"{(image_size // 14) ** 2} vision tokens"] = c.n
+    return counts
+
+
+# ------------------------------------------------------------------------------------------ main
+def machine() -> dict[str, object]:
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        names = [ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "load_avg_1_5_15": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def run(args) -> dict:
+    torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    spec = bench_spec(args.layers, args.hidden)
+    config = tiny_llava_config(spec)
+    after = [1, args.layers // 4, args.layers // 2]
+    method_args = {"after_layers": after, "keep_ratios": [0.5, 0.3, 0.1], "train_ratios": [0.5, 0.3, 0.1], "num_heads": 8}
+    llava = adapter.build_from_config(config)
+    method = LVPruning(**method_args)
+    pruned, base = PrunedLlava(llava, method), PrunedLlava(llava, None)
+    schedules = {"base": None, **{f"rho{r:g}": schedule_of(r) for r in PAPER_RHOS}}
+    models = {k: (base if s is None else pruned) for k, s in schedules.items()}
+    batch = bench_batch(config, 30)
+    report: dict = {"machine": machine(), "model": {"llm_layers": args.layers, "hidden": args.hidden, "after_layers": after}}
+    report["machine"]["load_avg_start"] = report["machine"].pop("load_avg_1_5_15")
+
+    rows = F.count_schedules(pruned, batch, [s for s in schedules.values() if s], shape_only=True)
+    flops = {name: row["tflops"] * 1e12 for name, row in zip(schedules, rows)}
+    print(f"[flops] {json.dumps({k: round(v / 1e9, 2) for k, v in flops.items()})} GFLOPs", flush=True)
+
+    pre = interleaved_times({k: prefill_fn(models[k], batch, s) for k, s in schedules.items()}, args.repeats)
+    print(f"[prefill] {json.dumps({k: round(med(v), 3) for k, v in pre.items()})} s", flush=True)
+
+    gen = {}
+    for n in (1, args.new_tokens + 1):
+        fns = {k: generate_fn(models[k], batch, s, n) for k, s in schedules.items()}
+        gen[n] = interleaved_times(fns, args.decode_repeats)
+    decode = {k: args.new_tokens / (med(gen[args.new_tokens + 1][k]) - med(gen[1][k])) for k in schedules}
+    print(f"[decode] {json.dumps({k: round(v, 1) for k, v in decode.items()})} tokens/s", flush=True)
+
+    kv = {k: (kv_bytes(models[k], batch, s), kv_expected(config, 576, 30, after, s, 4)) for k, s in schedules.items()}
+
+    train_batch = bench_batch(config, 30, answer_tokens=10)
+    masked, plain = train_step_fns(llava, method, train_batch)
+    train = interleaved_times({"plain": plain, "masked": masked}, args.train_repeats)
+    print(f"[train] {json.dumps({k: round(med(v), 3) for k, v in train.items()})} s", flush=True)
+
+    attn = attention_memory(1, args.hidden // 64, 606, 64, 576)
+    ops = op_counts(args.layers, args.hidden, method_args, schedule_of(0.5))
+    report["machine"]["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
+    report["rows"] = [
+        {
+            "schedule": name,
+            "gflops": flops[name] / 1e9,
+            "flops_ratio": flops[name] / flops["base"],
+            "prefill_s": med(pre[name]),
+            "prefill_ratio": med(pre[name]) / med(pre["base"]),
+            "prefill_runs_s": pre[name],
+            "decode_tok_s": decode[name],
+            "decode_speedup": decode[name] / decode["base"],
+            "kv_bytes": kv[name][0],
+            "kv_expected_bytes": kv[name][1],
+        }
+        for name in schedules
+    ]
+    report["train"] = {k: {"median_s": med(v), "runs_s": v} for k, v in train.items()}
+    report["train"]["ratio_masked_over_plain"] = med(train["masked"]) / med(train["plain"])
+    report["attention_memory"] = attn
+    report["op_counts_rho0.5"] = ops
+    return report
+
+
+def print_report(r: dict) -> None:
+    m = r["machine"]
+    print(f"\nmachine: {m['cpu']}, {m['logical_cpus']} logical CPUs, torch {m['torch']} ({m['torch_threads']} threads), "
+          f"load avg start {m['load_avg_start']} end {m['load_avg_end']}")
+    print(f"model: {r['model']}")
+    print("\n| schedule | GFLOPs | FLOPs ratio | prefill s | prefill ratio | ratio / FLOPs ratio | decode tok/s | decode speed-up | KV MB | KV = kept token-layers |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for x in r["rows"]:
+        print(
+            f"| {x['schedule']} | {x['gflops']:.1f} | {x['flops_ratio']:.3f} | {x['prefill_s']:.3f} | {x['prefill_ratio']:.3f} | "
+            f"{x['prefill_ratio'] / x['flops_ratio']:.2f} | {x['decode_tok_s']:.1f} | {x['decode_speedup']:.2f}x | "
+            f"{x['kv_bytes'] / 2**20:.2f} | {'yes' if x['kv_bytes'] == x['kv_expected_bytes'] else 'NO'} |"
+        )
+    t = r["train"]
+    print(f"\ntraining fwd+bwd: plain {t['plain']['median_s']:.3f} s, masked {t['masked']['median_s']:.3f} s, "
+          f"ratio {t['ratio_masked_over_plain']:.2f}")
+    print("\n| attention, fwd+bwd | peak live MB | in (B,H,T,T) fp32 | saved for backward MB | in (B,H,T,T) |")
+    print("|---|---|---|---|---|")
+    for a in r["attention_memory"]:
+        print(f"| {a['impl']} | {a['peak_bytes'] / 2**20:.1f} | {a['peak_in_BHTT']:.2f} | {a['saved_bytes'] / 2**20:.1f} | {a['saved_in_BHTT']:.2f} |")
+    print(f"\nops dispatched by forward_infer at rho 0.5: {r['op_counts_rho0.5']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--layers", type=int, default=16, help="LLM layers (modules after 1, L/4, L/2)")
+    p.add_argument("--hidden", type=int, default=512, help="LLM hidden size (64-dim heads)")
+    p.add_argument("--repeats", type=int, default=7, help="timed prefill runs per schedule")
+    p.add_argument("--decode-repeats", type=int, default=3, help="timed generate runs per schedule and length")
+    p.add_argument("--train-repeats", type=int, default=5, help="timed training steps per variant")
+    p.add_argument("--new-tokens", type=int, default=64, help="decoded tokens")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--quick", action="store_true", help="2 repeats everywhere (smoke run)")
+    p.add_argument("--json", help="also write the report as JSON here")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.repeats = args.decode_repeats = args.train_repeats = 2
+    t0 = time.time()
+    report = run(args)
+    report["wall_s"] = time.time() - t0
+    print_report(report)
+    print(f"\nwall time {report['wall_s']:.0f} s; command: python benchmarks/speed.py {' '.join(argv or sys.argv[1:])}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,439 @@
+"""LVPruning against the training-free baselines on one validation set: accuracy, TFLOPs, kept tokens.
+
+``python -m lightning_lvp compare --model MODEL --pruners PRUNERS --out DIR [--data CONFIG.yaml]``
+evaluates (teacher-forced, :func:`~lightning_lvp.evaluate.evaluate_schedule`, token-removing path):
+
+* the unpruned model;
+* LVPruning at rho 0.6 / 0.5 / 0.45 (schedules [rho, rho - 0.2, rho - 0.4, ...], METHOD §2);
+* CLS-knee (two stages, its own dynamic counts; :mod:`lightning_lvp.methods.knee`);
+* FastV after layer K with the keep ratio whose kept vision tokens, averaged over the LLM layers,
+  equal LVPruning's at ``--match-rho`` (the LLM's linear FLOPs then match);
+* random and uniform pruning at LVPruning's pruning points with its ``--match-rho`` schedule
+  (the same kept count at every layer);
+
+and writes ``comparison.csv``, ``comparison.json``, ``comparison.md`` (table + command, for
+docs/RESULTS.md) and ``comparison.png`` (accuracy vs TFLOPs) into ``--out``.
+
+TFLOPs: :func:`lightning_lvp.flops.count_forward` (FlopCounterMode on the real model, LM head on the
+last position) on the first ``--flops-samples`` validation samples, ONE sample at a time without
+padding (a batch is re-packed to its longest row, so dynamic-count methods would be over-counted),
+averaged: TFLOPs per sample.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import shlex
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lightning_lvp import adapter
+from lightning_lvp.evaluate import evaluate_schedule, model_inputs
+from lightning_lvp.methods import ClsKneePruning, FastV, PruningMethod, RandomPruning, UniformPruning
+from lightning_lvp.model import PrunedLlava
+
+log = logging.getLogger(__name__)
+RESULT_FILES = ("comparison.csv", "comparison.json", "comparison.md", "comparison.png")
+# name, method class, pruning points, schedule, accuracy, samples, TFLOPs per sample, TFLOPs / base - 1,
+# vision tokens on entry, kept after the last stage (mean), its fraction, kept fraction averaged over layers
+COLUMNS = tuple(
+    "name method after_layers ratios accuracy n tflops flops_change n_vision kept_vision kept_frac_final "
+    "kept_frac_layers seconds".split()
+)
+
+
+@dataclass
+class Entry:
+    """One row of the comparison: a method (None = unpruned) and its inference schedule."""
+
+    name: str
+    method: PruningMethod | None
+    ratios: list[float | None] | None
+
+
+def lvp_schedule(rho: float, stages: int, step: float = 0.2) -> list[float]:
+    """[rho, rho - 0.2, rho - 0.4, ...] for ``stages`` stages (METHOD §2); an error if one is <= 0."""
+    schedule = [round(rho - step * s, 6) for s in range(stages)]
+    if schedule[-1] <= 0:
+        raise ValueError(f"rho {rho} gives a non-positive ratio for {stages} stages: {schedule}")
+    return schedule
+
+
+def layer_fractions(after_layers: Sequence[int], kept: Sequence[float], num_layers: int) -> list[float]:
+    """Kept fraction of the vision tokens each LLM layer (1..num_layers) runs on.
+
+    Args:
+        after_layers: pruning points (0 = LLM input); stage s acts from layer after_layers[s] + 1 on.
+        kept: kept fraction after each stage.
+        num_layers: LLM depth.
+    """
+    out = []
+    for layer in range(1, num_layers + 1):
+        done = [f for a, f in zip(after_layers, kept, strict=True) if a < layer]
+        out.append(done[-1] if done else 1.0)
+    return out
+
+
+def matched_single_stage_ratio(
+    after_layers: Sequence[int], ratios: Sequence[float], num_layers: int, k: int, n_vision: int
+) -> float:
+    """Keep ratio r of a single stage after layer k whose layer-averaged kept fraction equals the schedule's.
+
+    Solves (k + (L - k) r) / L = mean(layer_fractions); r is clipped to [1 / n_vision, 1].
+    """
+    if not 0 <= k < num_layers:
+        raise ValueError(f"FastV k must be in [0, {num_layers}) for an LLM with {num_layers} layers, got {k}")
+    target = sum(layer_fractions(after_layers, ratios, num_layers)) / num_layers
+    r = (num_layers * target - k) / (num_layers - k)
+    return float(min(1.0, max(r, 1.0 / n_vision)))
+
+
+def build_entries(
+    lvp: PruningMethod,
+    num_layers: int,
+    n_vision: int,
+    rhos: Sequence[float] = (0.6, 0.5, 0.45),
+    match_rho: float = 0.5,
+    fastv_k: int = 2,
+    knee_args: dict[str, Any] | None = None,
+    seed: int = 0,
+) -> list[Entry]:
+    """The rows of the comparison (see the module docstring)."""
+    stages = lvp.num_stages
+    entries = [Entry("base", None, None)]
+    entries += [Entry(f"lvp_rho{rho:g}", lvp, lvp_schedule(rho, stages)) for rho in rhos]
+    knee = ClsKneePruning(**(knee_args or {}))
+    entries.append(Entry("cls_knee", knee, list(knee.keep_ratios)))  # None = the knee decides
+    matched = lvp_schedule(match_rho, stages)
+    r = round(matched_single_stage_ratio(lvp.after_layers, matched, num_layers, fastv_k, n_vision), 4)
+    want = sum(layer_fractions(lvp.after_layers, matched, num_layers)) / num_layers
+    got = sum(layer_fractions([fastv_k], [r], num_layers)) / num_layers
+    if abs(got - want) > 0.01:
+        msg = "compare: FastV after layer %d cannot match the layer-mean kept fraction %.3f of a %d-layer LLM (%s -> %.3f)"
+        log.warning(msg, fastv_k, want, num_layers, r, got)
+    entries.append(Entry("fastv", FastV(k=fastv_k, keep_ratio=r), [r]))
+    entries.append(Entry("random", RandomPruning(lvp.after_layers, matched, seed=seed), matched))
+    entries.append(Entry("uniform", UniformPruning(lvp.after_layers, matched), matched))
+    return entries
+
+
+def single_samples(loader: Iterable[dict[str, Any]], count: int) -> list[dict[str, torch.Tensor]]:
+    """The first ``count`` samples of ``loader`` as unpadded batches of one."""
+    out: list[dict[str, torch.Tensor]] = []
+    for batch in loader:
+        inputs = model_inputs(batch)
+        mask = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"])).bool()
+        for i in range(mask.shape[0]):
+            if len(out) == count:
+                return out
+            one = {k: v[i : i + 1, mask[i]] for k, v in inputs.items() if k != "pixel_values"}
+            one["pixel_values"] = inputs["pixel_values"][i : i + 1]
+            out.append(one)
+        if len(out) == count:
+            break
+    return out
+
+
+def mean_tflops(model: PrunedLlava, samples: Sequence[dict[str, torch.Tensor]], ratios) -> float:
+    """Mean TFLOPs per sample of the inference forward + LM head on the last position."""
+    from lightning_lvp.flops import count_forward
+
+    device = next(model.parameters()).device
+    totals = [count_forward(model, {k: v.to(device) for k, v in s.items()}, ratios)[0]["total"] for s in samples]
+    return sum(totals) / len(totals) / 1e12
+
+
+def evaluate_entry(llava, entry: Entry, loader, samples, num_layers: int, max_batches: int | None) -> dict[str, Any]:
+    """One comparison row: accuracy and kept tokens over ``loader``, TFLOPs on ``samples``."""
+    model = PrunedLlava(llava, entry.method).eval()
+    res = evaluate_schedule(model, loader, entry.ratios, max_batches=max_batches)
+    n_vision = res["n_vision"]
+    kept = [k / n_vision for k in res["kept_tokens"]] if n_vision else []
+    layers = entry.method.after_layers if entry.method else []
+    fractions = layer_fractions(layers, kept, num_layers)
+    return {
+        "name": entry.name,
+        "method": type(entry.method).__name__ if entry.method else "none",
+        "after_layers": list(layers),
+        "ratios": entry.ratios,
+        "accuracy": res["accuracy"],
+        "accuracy_by_type": res["accuracy_by_type"],
+        "n": res["n"],
+        "tflops": mean_tflops(model, samples, entry.ratios) if samples else float("nan"),
+        "n_vision": n_vision,
+        "kept_vision": res["kept_tokens"][-1] if res["kept_tokens"] else n_vision,
+        "kept_per_stage": res["kept_tokens"],
+        "kept_frac_final": kept[-1] if kept else 1.0,
+        "kept_frac_layers": sum(fractions) / len(fractions),
+        "seconds": res["seconds"],
+    }
+
+
+def run_comparison(
+    llava,
+    lvp: PruningMethod,
+    loader: Iterable[dict[str, Any]],
+    rhos: Sequence[float] = (0.6, 0.5, 0.45),
+    match_rho: float = 0.5,
+    fastv_k: int = 2,
+    knee_args: dict[str, Any] | None = None,
+    seed: int = 0,
+    max_batches: int | None = None,
+    flops_samples: int = 4,
+) -> list[dict[str, Any]]:
+    """Evaluates every entry of :func:`build_entries`; returns one dict per row (see :data:`COLUMNS`).
+
+    Args:
+        llava: the base LlavaForConditionalGeneration (frozen; shared by all rows).
+        lvp: the LVPruning method (loaded pruners), bound to ``llava``'s LLM.
+        loader: re-iterable validation batches with labels (docs/DESIGN.md).
+        flops_samples: samples (one at a time) the TFLOPs are averaged over; 0 = no FLOPs (NaN).
+    """
+    samples = single_samples(loader, max(flops_samples, 1))
+    if not samples:
+        raise ValueError("the validation loader yielded no samples")
+    n_vision = int((samples[0]["input_ids"] == adapter.image_token_id(llava)).sum())
+    samples = samples[:flops_samples]
+    num_layers = adapter.text_dims(llava.config).num_layers
+    entries = build_entries(lvp, num_layers, n_vision, rhos, match_rho, fastv_k, knee_args, seed)
+    rows = []
+    for entry in entries:
+        log.info("compare: evaluating %s (%s)", entry.name, entry.ratios)
+        rows.append(evaluate_entry(llava, entry, loader, samples, num_layers, max_batches))
+    base = rows[0]["tflops"]
+    for row in rows:
+        row["flops_change"] = row["tflops"] / base - 1.0 if base else float("nan")
+    return rows
+
+
+# ------------------------------------------------------------------------------------- outputs
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, list):
+        return " ".join("auto" if v is None else f"{v:g}" for v in value)  # None: the method decides
+    return "-" if value is None else str(value)
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The comparison as a Markdown table (accuracy in %, TFLOPs per sample, kept vision tokens)."""
+    head = "| method | schedule | accuracy | TFLOPs | FLOPs vs base | kept vision (final) | kept vision (layer mean) |"
+    lines = [head, "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        sched = _cell(r["ratios"])
+        lines.append(
+            f"| {r['name']} | {sched} | {100 * r['accuracy']:.1f} % | {r['tflops']:.4g} | "
+            f"{100 * r['flops_change']:+.1f} % | {r['kept_vision']:.1f} / {r['n_vision']:.0f} "
+            f"({100 * r['kept_frac_final']:.1f} %) | {100 * r['kept_frac_layers']:.1f} % |"
+        )
+    return "\n".join(lines)
+
+
+def plot_accuracy_vs_tflops(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    """Accuracy (%) against TFLOPs per sample; the LVPruning points joined by a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    lvp = [r for r in rows if r["name"].startswith("lvp_")]
+    if lvp:
+        pts = sorted((r["tflops"], 100 * r["accuracy"]) for r in lvp)
+        ax.plot(*zip(*pts, strict=True), "-o", color="C0", label="LVPruning")
+    markers = {
+        "base": ("*", "k"),
+        "cls_knee": ("s", "C1"),
+        "fastv": ("^", "C2"),
+        "random": ("x", "C3"),
+        "uniform": ("D", "C4"),
+    }
+    for r in rows:
+        if r["name"] in markers:
+            marker, color = markers[r["name"]]
+            ax.plot(r["tflops"], 100 * r["accuracy"], marker, color=color, markersize=9, label=r["name"])
+        ax.annotate(
+            r["name"], (r["tflops"], 100 * r["accuracy"]), textcoords="offset points", xytext=(4, 4), fontsize=8
+        )
+    ax.set_xlabel("TFLOPs per sample")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("accuracy vs compute")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def existing_results(out: Path) -> list[Path]:
+    """Result files of a previous run in ``out``."""
+    return [out / f for f in RESULT_FILES if (out / f).exists()]
+
+
+def write_results(
+    rows: Sequence[dict[str, Any]], out: str | Path, meta: dict[str, Any], overwrite: bool = False
+) -> list[Path]:
+    """Writes CSV, JSON, Markdown and PNG into ``out``.
+
+    Raises:
+        FileExistsError: result files exist and ``overwrite`` is False.
+    """
+    out = Path(out)
+    found = existing_results(out)
+    if found and not overwrite:
+        raise FileExistsError(f"{', '.join(map(str, found))} already exist; pass --overwrite to replace them")
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f for f in RESULT_FILES]
+    with open(paths[0], "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(COLUMNS)
+        writer.writerows([[_cell(r[c]) for c in COLUMNS] for r in rows])
+    paths[1].write_text(json.dumps({**meta, "rows": list(rows)}, indent=2))
+    command = meta.get("command", "")
+    paths[2].write_text(f"{markdown_table(rows)}\n\nCommand: `{command}`\n\n{meta.get('notes', '')}\n")
+    plot_accuracy_vs_tflops(rows, paths[3])
+    return paths
+
+
+# ----------------------------------------------------------------------------------------- CLI
+def _count_or_fraction(text: str) -> int | float:
+    """``"8"`` -> 8 (a count), ``"0.25"`` -> 0.25 (a fraction of the original vision tokens)."""
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m lightning_lvp compare",
+        description="LVPruning (rho 0.6/0.5/0.45) vs the unpruned model, CLS-knee, FastV, random and uniform "
+        "pruning on a validation set: CSV + JSON + Markdown table and an accuracy-vs-TFLOPs plot.",
+    )
+    p.add_argument("--model", required=True, help="base model folder (save_pretrained + processor)")
+    p.add_argument("--pruners", required=True, help="LVPruning pruner folder (pruners.json + pruners.safetensors)")
+    p.add_argument("--out", required=True, help="output folder for comparison.{csv,json,md,png}")
+    p.add_argument("--overwrite", action="store_true", help="replace result files of a previous run in --out")
+    p.add_argument("--data", help="experiments YAML whose data section builds the LlavaDataModule (else digits)")
+    p.add_argument("--cache-dir", default=".cache", help="digits cache folder when --data is not given")
+    p.add_argument("--batch-size", type=int, help="validation batch size (overrides the data config)")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
+    p.add_argument("--max-batches", type=int, help="evaluate at most this many validation batches per row")
+    p.add_argument("--flops-samples", type=int, default=4, help="samples the TFLOPs are averaged over (0: skip)")
+    p.add_argument("--rhos", type=float, nargs="+", default=[0.6, 0.5, 0.45], help="LVPruning first-stage ratios")
+    p.add_argument("--match-rho", type=float, default=0.5, help="LVPruning rho the baselines' kept counts match")
+    p.add_argument("--fastv-k", type=int, default=2, help="FastV: LLM layer whose attention ranks the tokens")
+    p.add_argument("--knee-layer", type=int, default=2, help="CLS-knee: LLM layer of stage 2 (0 = stage 1 only)")
+    p.add_argument("--knee-keep-ratio", type=float, default=0.5, help="CLS-knee: stage-2 keep ratio")
+    p.add_argument(
+        "--knee-min-keep",
+        type=_count_or_fraction,
+        default=0.05,
+        help="CLS-knee: stage-1 minimum (int count or fraction)",
+    )
+    p.add_argument(
+        "--knee-max-keep",
+        type=_count_or_fraction,
+        default=1.0,
+        help="CLS-knee: stage-1 maximum (int count or fraction)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of random pruning")
+    p.add_argument("--device", default="cpu", help="torch device")
+    return p
+
+
+def _digits_config(value: Any):
+    from lightning_lvp.data.digits import DigitsConfig
+
+    if value is None or isinstance(value, DigitsConfig):
+        return value
+    args = value.get("init_args", value) if isinstance(value, dict) else value
+    return DigitsConfig(**{k: v for k, v in args.items() if k != "class_path"})
+
+
+def build_val_loader(args: argparse.Namespace):
+    """The validation DataLoader of the LlavaDataModule described by ``--data`` (or digits defaults)."""
+    from lightning_lvp.data.datamodule import LlavaDataModule
+    from lightning_lvp.io import instantiate
+
+    spec: dict[str, Any] = {"class_path": f"{LlavaDataModule.__module__}.LlavaDataModule", "init_args": {}}
+    if args.data:
+        from omegaconf import OmegaConf
+
+        cfg = OmegaConf.to_container(OmegaConf.load(args.data), resolve=True) or {}
+        data = cfg.get("data", cfg) or {}
+        spec = data if "class_path" in data else {**spec, "init_args": data}
+    init = dict(spec.get("init_args") or {})
+    init.setdefault("processor_path", args.model)
+    init.setdefault("cache_dir", args.cache_dir)
+    init["num_workers"] = args.num_workers
+    if args.batch_size:
+        init["val_batch_size"] = args.batch_size
+    if "digits" in init:
+        init["digits"] = _digits_config(init["digits"])
+    dm = instantiate({"class_path": spec["class_path"], "init_args": init})
+    dm.prepare_data()
+    dm.setup("validate")
+    return dm.val_dataloader()
+
+
+def compare_command(argv: list[str]) -> int:
+    """``python -m lightning_lvp compare ...``; returns the exit code (2: results exist, no --overwrite)."""
+    args = _parser().parse_args(argv)
+    found = existing_results(Path(args.out))
+    if found and not args.overwrite:
+        print(f"compare: refusing to overwrite {', '.join(map(str, found))}; pass --overwrite", file=sys.stderr)
+        return 2
+    if found:
+        log.warning("compare: overwriting %s", ", ".join(map(str, found)))
+    from lightning_lvp.io import load_pruners
+
+    llava = adapter.load_llava(args.model, device=args.device)
+    lvp = load_pruners(args.pruners, adapter.text_dims(llava.config), device=args.device)
+    loader = build_val_loader(args)
+    knee_layer = args.knee_layer or None
+    knee = dict(
+        llm_layer=knee_layer, keep_ratio=args.knee_keep_ratio, min_keep=args.knee_min_keep, max_keep=args.knee_max_keep
+    )
+    rows = run_comparison(
+        llava,
+        lvp,
+        loader,
+        args.rhos,
+        args.match_rho,
+        args.fastv_k,
+        knee,
+        args.seed,
+        args.max_batches,
+        args.flops_samples,
+    )
+    meta = {
+        "command": "python -m lightning_lvp compare " + shlex.join(argv),
+        "model": args.model,
+        "pruners": args.pruners,
+        "notes": "TFLOPs per sample (mean over the first --flops-samples samples, one at a time, LM head on the "
+        "last position). Kept vision tokens: mean per sample after the last stage, and the kept fraction "
+        "averaged over the LLM layers. FastV's keep ratio matches that layer mean of LVPruning at "
+        f"rho {args.match_rho:g}; random/uniform use LVPruning's points and schedule at rho {args.match_rho:g}.",
+    }
+    paths = write_results(rows, args.out, meta, overwrite=args.overwrite)
+    print(markdown_table(rows))
+    print("\n".join(f"wrote {p}" for p in paths))
+    return 0
+
+
+def main() -> int:  # pragma: no cover - convenience entry
+    logging.basicConfig(level=logging.INFO)
+    return compare_command(sys.argv[1:])
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,260 @@
+"""``LlavaDataModule``: LLaVA-1.5 instruction data or the embedded digits grids, batched per ``docs/DESIGN.md``."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import torch
+from torch.utils.data import Sampler
+from transformers import AutoProcessor, ProcessorMixin
+
+from lightning_lvp.data.collate import LlavaCollator, SkipCountingLoader
+from lightning_lvp.data.digits import DigitsConfig, ensure_digits_dataset
+from lightning_lvp.data.llava_dataset import (
+    POLICIES,
+    FilterReport,
+    LlavaDataset,
+    filter_entries,
+    load_entries,
+    num_image_tokens,
+)
+
+log = logging.getLogger(__name__)
+
+
+class LengthGroupedSampler(Sampler[int]):
+    """Shuffles, then sorts each mega-batch of ``batch_size * megabatch_mult`` indices by length
+    (longest first), so batches hold similar lengths and padding is small (LLaVA's ``group_by_length``).
+
+    Args:
+        lengths: per-sample length estimates.
+        batch_size: batch size.
+        megabatch_mult: mega-batch size in batches.
+        seed: shuffle seed (combined with the epoch, see :meth:`set_epoch`).
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, megabatch_mult: int = 50, seed: int = 0) -> None:
+        self.lengths, self.size, self.seed, self.epoch = lengths, batch_size * megabatch_mult, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffles differently each epoch."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        order = torch.randperm(len(self.lengths), generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        for start in range(0, len(order), self.size):
+            mega = order[start : start + self.size].tolist()
+            yield from sorted(mega, key=lambda i: -self.lengths[i])
+
+
+class LlavaDataModule(L.LightningDataModule):
+    """LLaVA-format data (LLaVA-1.5's 665k mix filtered to its ~620k image entries) or the embedded
+    digits grids, prepared like LLaVA-1.5 fine-tuning (vicuna_v1 template, answer-only labels,
+    pad-to-square images, the model's CLIP processor).
+
+    Args:
+        processor_path: folder with the model's saved LlavaProcessor (tokenizer + image processor), i.e. the model folder.
+        dataset: "digits" (embedded digits grids, generated into cache_dir on first use) or "llava" (JSON files).
+        train_json: LLaVA-format training JSON/JSONL (dataset "llava"), e.g. llava_v1_5_mix665k.json.
+        val_json: separate validation JSON/JSONL (dataset "llava"); else val_fraction of train_json is held out.
+        image_folder: folder(s) the entries' "image" paths are relative to (dataset "llava").
+        val_fraction: fraction of train_json held out for validation when val_json is not given.
+        digits: shape and size of the digits dataset (dataset "digits"); defaults to DigitsConfig().
+        cache_dir: folder the digits dataset is generated into.
+        batch_size: training batch size.
+        val_batch_size: validation/prediction batch size (defaults to batch_size).
+        num_workers: DataLoader worker processes (images are decoded lazily in them).
+        max_length: model context length; longer samples are cut at the end, never inside the image tokens.
+        padding_side: padding side of training and validation batches (prediction batches are always left-padded).
+        group_by_length: batch samples of similar length together (training only).
+        bad_samples: "raise" a clear error naming the entry id and file, or "skip" bad entries and count them.
+        pad_to_square: pad images to a square with the image processor's mean colour (LLaVA-1.5) before processing.
+        seed: seed of the held-out split and the length-grouped shuffle.
+        pin_memory: pin batches in page-locked memory (faster host-to-GPU copies).
+    """
+
+    def __init__(
+        self,
+        processor_path: str,
+        dataset: Literal["digits", "llava"] = "digits",
+        train_json: str | None = None,
+        val_json: str | None = None,
+        image_folder: str | list[str] | None = None,
+        val_fraction: float = 0.01,
+        digits: DigitsConfig | None = None,
+        cache_dir: str = "~/.cache/lightning_lvp",
+        batch_size: int = 32,
+        val_batch_size: int | None = None,
+        num_workers: int = 2,
+        max_length: int = 2048,
+        padding_side: Literal["right", "left"] = "right",
+        group_by_length: bool = False,
+        bad_samples: Literal["raise", "skip"] = "raise",
+        pad_to_square: bool = True,
+        seed: int = 0,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["digits"])
+        self.processor_path = processor_path
+        self.dataset_kind = dataset
+        self.train_json, self.val_json = train_json, val_json
+        self.image_folders = [image_folder] if isinstance(image_folder, str) else list(image_folder or [])
+        self.val_fraction = val_fraction
+        self.digits = digits or DigitsConfig()
+        self.cache_dir = cache_dir
+        self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
+        self.num_workers, self.max_length = num_workers, max_length
+        self.padding_side, self.group_by_length = padding_side, group_by_length
+        self.bad_samples, self.pad_to_square, self.seed, self.pin_memory = bad_samples, pad_to_square, seed, pin_memory
+        self._validate()
+        self.processor: ProcessorMixin | None = None
+        self.train_set: LlavaDataset | None = None
+        self.val_set: LlavaDataset | None = None
+        self.filter_reports: list[FilterReport] = []
+        self.skips: dict[str, Counter] = {"train": Counter(), "val": Counter(), "predict": Counter()}
+        if num_workers > 0:
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the tokenizer runs in forked workers
+
+    def _validate(self) -> None:
+        """Checks the arguments, naming the bad one."""
+        if self.dataset_kind not in ("digits", "llava"):
+            raise ValueError(f"data.dataset must be 'digits' or 'llava', got {self.dataset_kind!r}")
+        if self.dataset_kind == "llava" and (not self.train_json or not self.image_folders):
+            raise ValueError("data.train_json and data.image_folder are required when data.dataset is 'llava'")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.dataset_kind == "llava" and not self.val_json and self.val_fraction == 0.0:
+            log.warning("no validation split: give data.val_json or data.val_fraction > 0")
+        for name in ("batch_size", "val_batch_size", "max_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.padding_side not in ("right", "left"):
+            raise ValueError(f"data.padding_side must be 'right' or 'left', got {self.padding_side!r}")
+        if self.bad_samples not in POLICIES:
+            raise ValueError(f"data.bad_samples must be one of {POLICIES}, got {self.bad_samples!r}")
+
+    @property
+    def digits_folder(self) -> Path:
+        """Where the digits dataset of this configuration lives."""
+        return Path(self.cache_dir).expanduser() / self.digits.cache_name()
+
+    def prepare_data(self) -> None:
+        """Generates the digits dataset on first use (once per node)."""
+        if self.dataset_kind == "digits":
+            ensure_digits_dataset(self.digits, self.cache_dir)
+
+    def load_processor(self) -> ProcessorMixin:
+        """The LlavaProcessor saved in ``processor_path`` (loaded once)."""
+        if self.processor is None:
+            if not Path(self.processor_path).is_dir():
+                raise FileNotFoundError(f"data.processor_path is not a folder: {self.processor_path}")
+            self.processor = AutoProcessor.from_pretrained(self.processor_path)
+            if not hasattr(self.processor, "image_processor") or not hasattr(self.processor, "patch_size"):
+                raise ValueError(f"data.processor_path {self.processor_path} does not hold a LlavaProcessor")
+        return self.processor
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Image tokens per sample, as the model's processor counts them."""
+        return num_image_tokens(self.load_processor())
+
+    def _check_digits_fit(self, processor: ProcessorMixin) -> None:
+        """The digits images must match the processor's input size and patch size."""
+        side = processor.image_processor.crop_size["height"]
+        if self.digits.image_size != side:
+            raise ValueError(
+                f"data.digits.grid_size * data.digits.cell_px = {self.digits.image_size} must equal the "
+                f"processor's image size {side} ({self.processor_path})"
+            )
+        if self.digits.patch_size != processor.patch_size:
+            raise ValueError(
+                f"data.digits.patch_size ({self.digits.patch_size}) must equal the processor's patch size "
+                f"{processor.patch_size} ({self.processor_path})"
+            )
+
+    def _read(self, path: str) -> list[dict]:
+        """Loads and filters one JSON file, logging (and keeping) its filter report."""
+        entries, report = filter_entries(load_entries(path), source=str(path), policy=self.bad_samples)
+        self.filter_reports.append(report)
+        log.info("%s", report.summary())
+        return entries
+
+    def _split_entries(self) -> tuple[list[dict], list[dict], list[str]]:
+        """Train entries, validation entries and image folders."""
+        if self.dataset_kind == "digits":
+            folder = self.digits_folder
+            if not (folder / "meta.json").is_file():
+                ensure_digits_dataset(self.digits, self.cache_dir)  # setup() called without prepare_data()
+            return self._read(str(folder / "train.json")), self._read(str(folder / "val.json")), [str(folder)]
+        for name, path in (("train_json", self.train_json), ("val_json", self.val_json)):
+            if path and not Path(path).is_file():
+                raise FileNotFoundError(f"data.{name} not found: {path}")
+        train = self._read(self.train_json)
+        if self.val_json:
+            return train, self._read(self.val_json), self.image_folders
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.seed)).tolist()
+        n_val = round(self.val_fraction * len(train))
+        val = [train[i] for i in sorted(order[:n_val])]
+        train = [train[i] for i in sorted(order[n_val:])]
+        log.info("held out %d of %d entries for validation (data.val_fraction=%s)", n_val, n_val + len(train), self.val_fraction)
+        return train, val, self.image_folders
+
+    def setup(self, stage: str | None = None) -> None:
+        """Loads the processor and the entries, builds the datasets."""
+        if self.train_set is not None:
+            return
+        processor = self.load_processor()
+        if self.dataset_kind == "digits":
+            self._check_digits_fit(processor)
+        self.filter_reports = []
+        train, val, folders = self._split_entries()
+        common = dict(image_folders=folders, processor=processor, max_length=self.max_length, policy=self.bad_samples)
+        self.train_set = LlavaDataset(train, pad_to_square=self.pad_to_square, **common)
+        self.val_set = LlavaDataset(val, pad_to_square=self.pad_to_square, **common)
+        self.predict_set = LlavaDataset(val, pad_to_square=self.pad_to_square, prompt_only=True, **common)
+
+    def _loader(self, dataset: LlavaDataset, split: str, train: bool, padding_side: str) -> SkipCountingLoader:
+        """A DataLoader with the contract's collate function and skip counting."""
+        sampler = None
+        if train and self.group_by_length:
+            sampler = LengthGroupedSampler(dataset.approximate_lengths(), self.batch_size, seed=self.seed)
+        return SkipCountingLoader(
+            dataset,
+            batch_size=self.batch_size if train else self.val_batch_size,
+            shuffle=train and sampler is None,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            collate_fn=LlavaCollator(self.load_processor().tokenizer.pad_token_id, padding_side),
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            split=split,
+            skip_counter=self.skips[split],
+        )
+
+    def train_dataloader(self) -> SkipCountingLoader:
+        """Shuffled (or length-grouped) training batches with labels."""
+        return self._loader(self.train_set, "train", True, self.padding_side)
+
+    def val_dataloader(self) -> SkipCountingLoader:
+        """Teacher-forced validation batches with labels (for loss and answer accuracy)."""
+        return self._loader(self.val_set, "val", False, self.padding_side)
+
+    def predict_dataloader(self) -> SkipCountingLoader:
+        """Prompt-only validation batches ending at "ASSISTANT:", left-padded, reference in ``answers``."""
+        return self._loader(self.predict_set, "predict", False, "left")
+
+    def skip_counts(self, split: str = "train") -> Counter:
+        """Samples of ``split`` skipped at load time so far (all epochs), per reason."""
+        return self.skips[split]

@@ -1,0 +1,231 @@
+"""``python -m lightning_lvp sweep -c CONFIG --pruners DIR_OR_CKPT``: "how far can I prune?".
+
+Evaluates a list or range of inference schedules on the config's validation data with the
+token-REMOVING inference path and writes, per schedule, the accuracy, TFLOPs (token-removing
+forward of one validation sample), mean kept vision tokens per stage and latency, as
+``results.csv`` / ``results.json``, ``acc_vs_tflops.png`` and TensorBoard scalars in ``--out``.
+
+Resumable: schedules already in ``results.json`` are skipped; results are never overwritten
+silently (another config or pruner folder in the same ``--out`` is an error unless ``--overwrite``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from lightning_lvp import adapter  # noqa: E402
+from lightning_lvp.callbacks import count_schedule_flops, paper_schedule  # noqa: E402
+from lightning_lvp.evaluate import evaluate_schedule  # noqa: E402
+from lightning_lvp.io import instantiate, load_pruners  # noqa: E402
+from lightning_lvp.model import PrunedLlava  # noqa: E402
+
+log = logging.getLogger(__name__)
+RESULTS = "results.json"
+
+
+def parse_range(text: str) -> list[float]:
+    """``"0.3:0.8:0.05"`` -> [0.3, 0.35, ..., 0.8] (inclusive); ``"0.6,0.5"`` -> [0.6, 0.5]."""
+    if ":" in text:
+        parts = [float(x) for x in text.split(":")]
+        if len(parts) != 3 or parts[2] <= 0 or parts[1] < parts[0]:
+            raise ValueError(f"--rhos range must be START:STOP:STEP with STOP >= START, STEP > 0, got {text!r}")
+        start, stop, step = parts
+        n = int(round((stop - start) / step)) + 1
+        return [round(start + i * step, 6) for i in range(n)]
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def build_schedules(
+    rhos: list[float], explicit: list[str], stages: int, step: float = 0.2, min_ratio: float = 0.05
+) -> list[list[float]]:
+    """[rho, rho - step, ...] clipped to [min_ratio, 1] per rho, plus explicit "a,b,c" schedules."""
+    schedules = [[min(1.0, max(min_ratio, r)) for r in paper_schedule(rho, stages, step)] for rho in rhos]
+    for text in explicit:
+        sched = [float(x) for x in text.split(",")]
+        if len(sched) != stages:
+            raise ValueError(f"--schedule {text!r} has {len(sched)} ratios, the pruners have {stages} stages")
+        schedules.append(sched)
+    return schedules
+
+
+def load_experiment(config_path: str) -> dict[str, Any]:
+    """The ``model`` and ``data`` sections of an experiments YAML (``${...}`` resolved)."""
+    cfg = OmegaConf.to_container(OmegaConf.load(config_path), resolve=True)
+    for section in ("model", "data"):
+        if section not in cfg:
+            raise ValueError(f"{config_path} has no '{section}' section")
+    return cfg
+
+
+def _init_args(section: dict[str, Any]) -> dict[str, Any]:
+    return dict(section.get("init_args", section))
+
+
+def load_method(pruners: str, dims: adapter.TextDims):
+    """Pruners from an exported folder or any checkpoint (exported to a temporary folder first)."""
+    path = Path(pruners)
+    if path.is_dir() and (path / "pruners.json").exists():
+        return load_pruners(path, dims)
+    from lightning_lvp.export import export_pruners
+
+    with tempfile.TemporaryDirectory() as tmp:
+        export_pruners(path, tmp)
+        return load_pruners(tmp, dims)
+
+
+def build_datamodule(cfg: dict[str, Any], model_path: str, overrides: dict[str, Any]):
+    data = cfg["data"]
+    args = {**_init_args(data), "processor_path": model_path, **overrides}
+    if isinstance(args.get("digits"), dict):
+        from lightning_lvp.data.digits import DigitsConfig
+
+        args["digits"] = DigitsConfig(**args["digits"])
+    spec = {"class_path": data.get("class_path", "lightning_lvp.data.datamodule.LlavaDataModule"), "init_args": args}
+    dm = instantiate(spec)
+    dm.prepare_data()
+    dm.setup("validate")
+    return dm
+
+
+def check_settings(out: Path, settings: dict[str, Any], overwrite: bool) -> list[dict[str, Any]]:
+    """Rows already done in ``out`` with the same settings (resume), or an error."""
+    path = out / RESULTS
+    if not path.exists():
+        return []
+    saved = json.loads(path.read_text())
+    if saved.get("settings") != settings:
+        if not overwrite:
+            raise FileExistsError(
+                f"{path} holds results of other settings ({saved.get('settings')}); "
+                "use another --out or pass --overwrite to discard them"
+            )
+        log.warning("discarding the results in %s (--overwrite)", path)
+        return []
+    return saved.get("rows", [])
+
+
+def write_results(out: Path, settings: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    """results.json (atomically), results.csv and the plot."""
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / (RESULTS + ".tmp")
+    tmp.write_text(json.dumps({"settings": settings, "rows": rows}, indent=2))
+    tmp.replace(out / RESULTS)
+    fields = ["name", "ratios", "accuracy", "tflops", "kept_tokens", "n_vision", "ms_per_sample", "n"]
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: json.dumps(r[k]) if isinstance(r[k], list) else r[k] for k in fields})
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    pruned = [r for r in rows if r["ratios"] is not None]
+    ax.plot([r["tflops"] for r in pruned], [100 * r["accuracy"] for r in pruned], "o-", label="pruned")
+    for r in rows:
+        if r["ratios"] is None:
+            ax.plot([r["tflops"]], [100 * r["accuracy"]], "k*", markersize=10, label="unpruned")
+        ax.annotate(r["name"], (r["tflops"], 100 * r["accuracy"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("TFLOPs per sample")
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "acc_vs_tflops.png", dpi=120)
+    plt.close(fig)
+
+
+def evaluate_one(model: PrunedLlava, loader, first_batch, ratios, max_batches) -> dict[str, Any]:
+    res = evaluate_schedule(model, loader, ratios, max_batches=max_batches)
+    res["tflops"] = count_schedule_flops(model, first_batch, ratios) / 1e12
+    res["ms_per_sample"] = 1000 * res["seconds"] / max(1, res["n"])
+    return res
+
+
+def run_sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
+    cfg = load_experiment(args.config)
+    model_args = _init_args(cfg["model"])
+    model_path = args.model_path or model_args["model_path"]
+    llava = adapter.load_llava(model_path)
+    dims = adapter.text_dims(llava.config)
+    method = load_method(args.pruners, dims)
+    model = PrunedLlava(llava, method).eval()
+    overrides = {"val_batch_size": args.batch_size, "num_workers": args.num_workers}
+    dm = build_datamodule(cfg, model_path, overrides)
+    loader = dm.val_dataloader()
+    first = next(iter(loader))
+    schedules = build_schedules(parse_range(args.rhos) if args.rhos else [], args.schedule, method.num_stages, args.step, args.min_ratio)
+    settings = {"config": str(Path(args.config).resolve()), "pruners": str(Path(args.pruners).resolve()),
+                "max_batches": args.max_batches, "model_path": model_path}
+    out = Path(args.out)
+    rows = check_settings(out, settings, args.overwrite)
+    done = {json.dumps(r["ratios"]) for r in rows}
+    todo = ([None] if args.include_base else []) + schedules
+    writer = _tensorboard(out)
+    for sched in tqdm(todo, desc="sweep", unit="schedule"):
+        if json.dumps(sched) in done:
+            log.info("skipping %s (already in %s)", sched, out / RESULTS)
+            continue
+        if sched is None:
+            model.method = None
+            res = evaluate_one(model, loader, first, None, args.max_batches)
+            model.method = method
+        else:
+            res = evaluate_one(model, loader, first, sched, args.max_batches)
+        res["name"] = "base" if sched is None else "[" + ", ".join(f"{r:g}" for r in sched) + "]"
+        res["ratios"] = sched
+        rows.append(res)
+        write_results(out, settings, rows)  # after every schedule: an interruption loses at most one
+        if writer is not None:
+            step = len(rows) - 1
+            writer.add_scalar("sweep/accuracy", res["accuracy"], step)
+            writer.add_scalar("sweep/tflops", res["tflops"], step)
+            writer.add_text("sweep/schedule", res["name"], step)
+    if writer is not None:
+        writer.close()
+    return rows
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def sweep_command(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m lightning_lvp sweep", description=__doc__.split("\n\n")[0])
+    p.add_argument("-c", "--config", required=True, help="experiments YAML (its model_path and data section are used)")
+    p.add_argument("--pruners", required=True, help="exported pruner folder or a training checkpoint (.ckpt / DeepSpeed dir)")
+    p.add_argument("--rhos", default="0.3:0.8:0.05", help="first-stage ratios: START:STOP:STEP or a comma list")
+    p.add_argument("--step", type=float, default=0.2, help="ratio decrease per stage: [rho, rho-step, rho-2*step]")
+    p.add_argument("--min_ratio", type=float, default=0.05, help="stage ratios below this are clipped up to it")
+    p.add_argument("--schedule", action="append", default=[], help="explicit per-stage schedule 'a,b,c' (repeatable)")
+    p.add_argument("--no_base", dest="include_base", action="store_false", help="skip the unpruned model")
+    p.add_argument("--model_path", default=None, help="override the config's model.model_path")
+    p.add_argument("--max_batches", type=int, default=None, help="validation batches per schedule (default: all)")
+    p.add_argument("--batch_size", type=int, default=32, help="validation batch size")
+    p.add_argument("--num_workers", type=int, default=0, help="data loader workers")
+    p.add_argument("--out", default="runs/sweep", help="output folder (resumed if it holds results of the same settings)")
+    p.add_argument("--overwrite", action="store_true", help="discard results of other settings in --out")
+    args = p.parse_args(argv)
+    torch.set_grad_enabled(False)
+    rows = run_sweep(args)
+    print(f"{'schedule':<22} {'accuracy':>9} {'TFLOPs':>10} {'kept tokens':>22} {'ms/sample':>10}")
+    for r in rows:
+        kept = ",".join(f"{k:.1f}" for k in r["kept_tokens"])
+        print(f"{r['name']:<22} {100 * r['accuracy']:>8.1f}% {r['tflops']:>10.2e} {kept:>22} {r['ms_per_sample']:>10.2f}")
+    print(f"results: {Path(args.out) / RESULTS}, {Path(args.out) / 'results.csv'}, {Path(args.out) / 'acc_vs_tflops.png'}")
+    return 0

@@ -1,0 +1,93 @@
+"""The real CLI entry with shipped configs shrunk by flags (litgpt test_full / template fast_dev_run style)."""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+
+import pytest
+import torch
+from cli_fixtures import small_data_args, tiny_model_folder
+
+from lightning_lvp.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return tiny_model_folder(tmp_path_factory.mktemp("tiny_llava"))
+
+
+def scalar_tags(log_dir: Path) -> set[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set()
+    for events in glob.glob(str(log_dir / "**" / "events.out.tfevents.*"), recursive=True):
+        acc = EventAccumulator(events)
+        acc.Reload()
+        tags |= set(acc.Tags()["scalars"]) | {f"image:{t}" for t in acc.Tags()["images"]}
+    return tags
+
+
+def fit_args(model_dir: Path, root: Path, steps: int = 2, extra: list[str] = ()) -> list[str]:
+    return [
+        "fit",
+        "-c",
+        str(REPO / "experiments" / "demo.yaml"),
+        f"--model.init_args.model_path={model_dir}",
+        f"--trainer.max_steps={steps}",
+        f"--trainer.val_check_interval={steps}",
+        "--trainer.limit_val_batches=1",
+        "--trainer.log_every_n_steps=1",
+        f"--trainer.default_root_dir={root}",
+        f"--trainer.logger.init_args.save_dir={root / 'runs'}",
+        *small_data_args(root.parent / "digits_cache"),
+        *extra,
+    ]
+
+
+def test_fit_logs_ratios_losses_and_sweep_and_keeps_llava_frozen(model_dir, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    before = load_file(str(model_dir / "model.safetensors"))
+    main(fit_args(model_dir, tmp_path))
+    tags = scalar_tags(tmp_path / "runs")
+    for tag in (
+        "train/loss_causal",
+        "train/loss_ratio",
+        "train/kept_ratio/layer1",
+        "train/kept_ratio/layer4",
+        "val/kept_ratio/layer2",
+        "val/acc",
+        "val/acc@base",
+        "val/acc@rho0.5",
+        "val/tflops@rho0.45",
+    ):
+        assert tag in tags, f"{tag} missing from {sorted(tags)}"
+    out = capsys.readouterr().out
+    assert "Ratio sweep" in out and "rho0.6" in out and "TensorBoard logs" in out
+    ckpt = torch.load(glob.glob(str(tmp_path / "runs" / "**" / "last.ckpt"), recursive=True)[0], weights_only=False)
+    assert not any(k.startswith("model.llava.") for k in ckpt["state_dict"]), "checkpoint holds the frozen LLaVA"
+    assert any(k.startswith("method.decision.") for k in ckpt["state_dict"])
+    assert load_file(str(model_dir / "model.safetensors")).keys() == before.keys()  # base folder untouched
+
+
+def test_resume_continues_from_checkpoint(model_dir, tmp_path):
+    main(fit_args(model_dir, tmp_path / "a", steps=2))
+    last = glob.glob(str(tmp_path / "a" / "runs" / "**" / "last.ckpt"), recursive=True)[0]
+    first = torch.load(last, weights_only=False)
+    main(fit_args(model_dir, tmp_path / "b", steps=4, extra=[f"--ckpt_path={last}"]))
+    resumed = torch.load(glob.glob(str(tmp_path / "b" / "runs" / "**" / "last.ckpt"), recursive=True)[0], weights_only=False)
+    assert first["global_step"] == 2 and resumed["global_step"] == 4
+    key = next(k for k in first["state_dict"] if k.startswith("method."))
+    assert not torch.equal(first["state_dict"][key], resumed["state_dict"][key])
+
+
+def test_bad_config_values_name_the_field(model_dir, tmp_path):
+    with pytest.raises(ValueError, match="keep_ratios must be non-increasing"):
+        main(fit_args(model_dir, tmp_path, extra=["--model.init_args.method.init_args.keep_ratios=[0.5,0.6,0.1]"]))
+    with pytest.raises(ValueError, match=r"after_layers \[1, 2, 7\] out of range for an LLM with 6 layers"):
+        main(fit_args(model_dir, tmp_path, extra=["--model.init_args.method.init_args.after_layers=[1,2,7]"]))
+    with pytest.raises(ValueError, match="model.warmup_ratio must be in"):
+        main(fit_args(model_dir, tmp_path, extra=["--model.init_args.warmup_ratio=1.5"]))

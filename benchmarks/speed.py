@@ -6,7 +6,7 @@ of 32 scaled) on the CPU. Every number is the median of several runs in one proc
 interleaved run by run so drifting machine load hits all alike; ratios are printed beside the
 absolute numbers. Results and the machine go to docs/BENCHMARKS.md.
 
-    python benchmarks/speed.py                 # ~3-5 min on 2 cores
+    python benchmarks/speed.py                 # ~3 min (1 torch thread; --threads 2 on a quiet machine)
     python benchmarks/speed.py --quick         # fewer repeats, smoke run
     python benchmarks/speed.py --json out.json
 
@@ -80,7 +80,8 @@ def bench_batch(config, text_tokens: int = 30, answer_tokens: int = 0, batch_siz
     batch = F.dummy_batch(config, text_tokens, batch_size)
     ids = batch["input_ids"]
     text = ids != config.image_token_id
-    ids[text] = torch.randint(3, 31000, (int(text.sum()),), generator=g)
+    high = min(config.text_config.vocab_size, config.image_token_id)  # ordinary text ids below the image token
+    ids[text] = torch.randint(3, high, (int(text.sum()),), generator=g)
     batch["pixel_values"] = torch.randn(batch["pixel_values"].shape, generator=g)
     if answer_tokens:
         answer = torch.zeros_like(text)
@@ -116,7 +117,9 @@ def prefill_fn(model: PrunedLlava, batch, ratios):
 
     def run():
         with torch.no_grad():
-            out = model.forward_infer(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], None, ratios, use_cache=True)
+            out = model.forward_infer(
+                batch["input_ids"], batch["pixel_values"], batch["attention_mask"], None, ratios, use_cache=True
+            )
             return model.logits(out.hidden[:, -1:])
 
     return run
@@ -125,7 +128,12 @@ def prefill_fn(model: PrunedLlava, batch, ratios):
 def generate_fn(model: PrunedLlava, batch, ratios, new_tokens: int):
     def run():
         return model.generate(
-            batch["input_ids"], batch["pixel_values"], batch["attention_mask"], ratios=ratios, max_new_tokens=new_tokens, eos_token_id=-1
+            batch["input_ids"],
+            batch["pixel_values"],
+            batch["attention_mask"],
+            ratios=ratios,
+            max_new_tokens=new_tokens,
+            eos_token_id=-1,
         )
 
     return run
@@ -133,7 +141,9 @@ def generate_fn(model: PrunedLlava, batch, ratios, new_tokens: int):
 
 def kv_bytes(model: PrunedLlava, batch, ratios) -> int:
     with torch.no_grad():
-        out = model.forward_infer(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], None, ratios, use_cache=True)
+        out = model.forward_infer(
+            batch["input_ids"], batch["pixel_values"], batch["attention_mask"], None, ratios, use_cache=True
+        )
     return adapter.cache_bytes(out.cache)
 
 
@@ -173,8 +183,8 @@ def train_step_fns(llava, method: LVPruning, batch, tau: float = 1.0):
 class PeakLiveBytes(TorchDispatchMode):
     """Peak bytes held by tensors created inside the context (every aten op, forward and backward).
 
-    Storage lifetimes are followed with weak references; inputs created before the context are not
-    counted, nor workspace a fused kernel frees before it returns.
+    Storage lifetimes are followed with weak references; storages that existed before the context
+    (inputs, views of them) are not counted, nor workspace a fused kernel frees before it returns.
     """
 
     def __enter__(self):
@@ -185,6 +195,8 @@ class PeakLiveBytes(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         self.live = {k: v for k, v in self.live.items() if not v[0].expired()}
+        if func.is_view or func._schema.is_mutable:  # no new storage (a view may alias an outside tensor)
+            return out
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and t.device.type != "meta":
                 storage = t.untyped_storage()
@@ -229,7 +241,15 @@ def attention_memory(b: int, h: int, t: int, dh: int, n_vision: int) -> list[dic
         with PeakLiveBytes() as mem:
             out, saved = saved_bytes(lambda: fn(*leaves, d))  # noqa: B023
             out.square().sum().backward()
-        rows.append({"impl": name, "peak_bytes": mem.peak, "saved_bytes": saved, "peak_in_BHTT": mem.peak / tt, "saved_in_BHTT": saved / tt})
+        rows.append(
+            {
+                "impl": name,
+                "peak_bytes": mem.peak,
+                "saved_bytes": saved,
+                "peak_in_BHTT": mem.peak / tt,
+                "saved_in_BHTT": saved / tt,
+            }
+        )
     return rows
 
 
@@ -249,7 +269,7 @@ def op_counts(layers: int, hidden: int, method_args: dict, ratios) -> dict[str, 
     counts = {}
     for image_size in (336, 168):
         config = tiny_llava_config(bench_spec(layers, hidden), image_size=image_size)
-        model = F.buildshape_only_context(config, {"class_path": "lightning_lvp.methods.LVPruning", "init_args": method_args})
+        model = F.build_shape_only(config, {"class_path": "lightning_lvp.methods.LVPruning", "init_args": method_args})
         batch = F.dummy_batch(config, 30)
         with torch.no_grad(), F.shape_only_context(True), OpCounter() as c:
             model.forward_infer(batch["input_ids"], batch["pixel_values"], batch["attention_mask"], None, ratios)
@@ -280,14 +300,22 @@ def run(args) -> dict:
     spec = bench_spec(args.layers, args.hidden)
     config = tiny_llava_config(spec)
     after = [1, args.layers // 4, args.layers // 2]
-    method_args = {"after_layers": after, "keep_ratios": [0.5, 0.3, 0.1], "train_ratios": [0.5, 0.3, 0.1], "num_heads": 8}
+    method_args = {
+        "after_layers": after,
+        "keep_ratios": [0.5, 0.3, 0.1],
+        "train_ratios": [0.5, 0.3, 0.1],
+        "num_heads": 8,
+    }
     llava = adapter.build_from_config(config)
     method = LVPruning(**method_args)
     pruned, base = PrunedLlava(llava, method), PrunedLlava(llava, None)
     schedules = {"base": None, **{f"rho{r:g}": schedule_of(r) for r in PAPER_RHOS}}
     models = {k: (base if s is None else pruned) for k, s in schedules.items()}
     batch = bench_batch(config, 30)
-    report: dict = {"machine": machine(), "model": {"llm_layers": args.layers, "hidden": args.hidden, "after_layers": after}}
+    report: dict = {
+        "machine": machine(),
+        "model": {"llm_layers": args.layers, "hidden": args.hidden, "after_layers": after},
+    }
     report["machine"]["load_avg_start"] = report["machine"].pop("load_avg_1_5_15")
 
     rows = F.count_schedules(pruned, batch, [s for s in schedules.values() if s], shape_only=True)
@@ -331,6 +359,7 @@ def run(args) -> dict:
     ]
     report["train"] = {k: {"median_s": med(v), "runs_s": v} for k, v in train.items()}
     report["train"]["ratio_masked_over_plain"] = med(train["masked"]) / med(train["plain"])
+    report["train"]["median_paired_ratio"] = med([m / p for m, p in zip(train["masked"], train["plain"])])
     report["attention_memory"] = attn
     report["op_counts_rho0.5"] = ops
     return report
@@ -338,24 +367,32 @@ def run(args) -> dict:
 
 def print_report(r: dict) -> None:
     m = r["machine"]
-    print(f"\nmachine: {m['cpu']}, {m['logical_cpus']} logical CPUs, torch {m['torch']} ({m['torch_threads']} threads), "
-          f"load avg start {m['load_avg_start']} end {m['load_avg_end']}")
+    print(
+        f"\nmachine: {m['cpu']}, {m['logical_cpus']} logical CPUs, torch {m['torch']} ({m['torch_threads']} threads), "
+        f"load avg start {m['load_avg_start']} end {m['load_avg_end']}"
+    )
     print(f"model: {r['model']}")
-    print("\n| schedule | GFLOPs | FLOPs ratio | prefill s | prefill ratio | ratio / FLOPs ratio | decode tok/s | decode speed-up | KV MB | KV = kept token-layers |")
+    print(
+        "\n| schedule | GFLOPs | FLOPs ratio | prefill s | prefill ratio | % of FLOPs speed-up | decode tok/s | decode speed-up | KV MB | KV = kept token-layers |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for x in r["rows"]:
         print(
             f"| {x['schedule']} | {x['gflops']:.1f} | {x['flops_ratio']:.3f} | {x['prefill_s']:.3f} | {x['prefill_ratio']:.3f} | "
-            f"{x['prefill_ratio'] / x['flops_ratio']:.2f} | {x['decode_tok_s']:.1f} | {x['decode_speedup']:.2f}x | "
+            f"{100 * x['flops_ratio'] / x['prefill_ratio']:.0f} % | {x['decode_tok_s']:.1f} | {x['decode_speedup']:.2f}x | "
             f"{x['kv_bytes'] / 2**20:.2f} | {'yes' if x['kv_bytes'] == x['kv_expected_bytes'] else 'NO'} |"
         )
     t = r["train"]
-    print(f"\ntraining fwd+bwd: plain {t['plain']['median_s']:.3f} s, masked {t['masked']['median_s']:.3f} s, "
-          f"ratio {t['ratio_masked_over_plain']:.2f}")
+    print(
+        f"\ntraining fwd+bwd: plain {t['plain']['median_s']:.3f} s, masked {t['masked']['median_s']:.3f} s, "
+        f"ratio of medians {t['ratio_masked_over_plain']:.2f}, median of paired ratios {t['median_paired_ratio']:.2f}"
+    )
     print("\n| attention, fwd+bwd | peak live MB | in (B,H,T,T) fp32 | saved for backward MB | in (B,H,T,T) |")
     print("|---|---|---|---|---|")
     for a in r["attention_memory"]:
-        print(f"| {a['impl']} | {a['peak_bytes'] / 2**20:.1f} | {a['peak_in_BHTT']:.2f} | {a['saved_bytes'] / 2**20:.1f} | {a['saved_in_BHTT']:.2f} |")
+        print(
+            f"| {a['impl']} | {a['peak_bytes'] / 2**20:.1f} | {a['peak_in_BHTT']:.2f} | {a['saved_bytes'] / 2**20:.1f} | {a['saved_in_BHTT']:.2f} |"
+        )
     print(f"\nops dispatched by forward_infer at rho 0.5: {r['op_counts_rho0.5']}")
 
 
@@ -367,7 +404,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode-repeats", type=int, default=3, help="timed generate runs per schedule and length")
     p.add_argument("--train-repeats", type=int, default=5, help="timed training steps per variant")
     p.add_argument("--new-tokens", type=int, default=64, help="decoded tokens")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch threads (0 = torch's default; 1 is robust on a shared machine)"
+    )
     p.add_argument("--quick", action="store_true", help="2 repeats everywhere (smoke run)")
     p.add_argument("--json", help="also write the report as JSON here")
     args = p.parse_args(argv)

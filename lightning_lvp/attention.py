@@ -84,7 +84,9 @@ def _keep_grad(q, k, v, out, grad_out, base_mask, attend, scale) -> torch.Tensor
     acc = torch.promote_types(q.dtype, torch.float32)  # bf16 inputs accumulate in fp32
     grad_keep = torch.zeros(b, t, dtype=acc, device=q.device)
     delta = (grad_out.to(acc) * out.to(acc)).sum(-1)  # (B, H, T): g_i . o_i
-    chunk = max(1, t // 2)  # two (B, H, chunk, T) temporaries <= one (B, H, T, T)
+    # two (B, H, chunk, T) temporaries: at most one (B, H, T, T) in total, and at most ~256 MB
+    budget = max(1, (256 << 20) // (2 * b * h * t * torch.finfo(acc).bits // 8))
+    chunk = max(1, min(t // 2, budget))
     kf, vf = k.to(acc), v.to(acc)
     for i0 in range(0, t, chunk):
         i1 = min(t, i0 + chunk)
@@ -97,6 +99,7 @@ def _keep_grad(q, k, v, out, grad_out, base_mask, attend, scale) -> torch.Tensor
         rows = torch.arange(i0, i1, device=q.device)
         dots[:, :, rows - i0, rows] = 0.0  # M[i, i] = 1 does not depend on D (eq. 7)
         grad_keep += dots.sum(dim=(1, 2))
+        del scores, weights, dots  # free this chunk before the next one is allocated
     return grad_keep
 
 

@@ -32,20 +32,21 @@ def paper_schedule(rho: float, stages: int = 3, step: float = 0.2) -> list[float
 
 @torch.no_grad()
 def count_schedule_flops(model, batch: dict[str, Any], ratios: list[float] | None) -> float:
-    """FLOPs of the token-removing forward for the FIRST sample of ``batch`` (base: no method)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    """FLOPs of the token-removing forward (+ next-token head) for the FIRST sample of ``batch``.
+
+    ``ratios=None`` counts the unpruned model (no decision modules run).
+    """
+    from lightning_lvp.flops import count_forward
 
     one = {k: v[:1] for k, v in model_inputs(batch, next(model.parameters()).device).items()}
     method = model.method
     try:
         if ratios is None:
             model.method = None
-        with FlopCounterMode(display=False) as counter:
-            out = model.forward_infer(**one, ratios=ratios)
-            model.logits(out.hidden[:, -1:])  # next-token head, as in generation
+        counts, _ = count_forward(model, one, ratios)
     finally:
         model.method = method
-    return float(counter.get_total_flops())
+    return float(counts["total"])
 
 
 class RatioSweep(L.Callback):
@@ -112,11 +113,12 @@ class RatioSweep(L.Callback):
             pl_module.log(f"val/tflops@{name}", tflops, rank_zero_only=True)
             rows.append({"schedule": name, "ratios": sched, "accuracy": acc, "tflops": tflops})
         self.last = rows
+        log_dir = trainer.log_dir  # a collective under DDP: every rank must call it
         if trainer.is_global_zero:
             self._plot(trainer, rows)
-            if trainer.log_dir:
-                Path(trainer.log_dir).mkdir(parents=True, exist_ok=True)
-                (Path(trainer.log_dir) / "sweep.json").write_text(json.dumps(rows, indent=2))
+            if log_dir:
+                Path(log_dir).mkdir(parents=True, exist_ok=True)
+                (Path(log_dir) / "sweep.json").write_text(json.dumps(rows, indent=2))
 
     def _plot(self, trainer, rows: list[dict[str, Any]]) -> None:
         experiment = getattr(trainer.logger, "experiment", None)
@@ -134,8 +136,9 @@ class RatioSweep(L.Callback):
         plt.close(fig)
 
     def on_fit_end(self, trainer, pl_module) -> None:
+        log_dir = trainer.log_dir  # a collective under DDP: every rank must call it
         if trainer.is_global_zero and self.last:
-            print(format_sweep(self.last, trainer.log_dir))
+            print(format_sweep(self.last, log_dir))
 
 
 def format_sweep(rows: list[dict[str, Any]], log_dir: str | None) -> str:

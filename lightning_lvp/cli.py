@@ -29,6 +29,27 @@ def _cli_class():
     return LVPCLI
 
 
+def parse_config(args: list[str]):
+    """Parses and validates a command line / config exactly as ``fit`` would, without instantiating."""
+    from lightning_lvp.data.datamodule import LlavaDataModule
+    from lightning_lvp.lit_module import LVPModule
+
+    class ParseOnly(_cli_class()):
+        def instantiate_classes(self) -> None:
+            pass
+
+    cli = ParseOnly(
+        LVPModule,
+        LlavaDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        parser_kwargs={"parser_mode": "omegaconf"},
+        args=args,
+        run=False,
+    )
+    return cli.config
+
+
 def run_lightning_cli(args: list[str] | None = None):
     """LightningCLI over :class:`LVPModule` and :class:`LlavaDataModule` (subclasses allowed)."""
     from lightning_lvp.data.datamodule import LlavaDataModule

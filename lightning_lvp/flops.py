@@ -22,21 +22,24 @@ import argparse
 import json
 import math
 import os
+import sys
 from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map_only
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_backward_flop_count, sdpa_flop_count
-from transformers import LlavaConfig
 
 from lightning_lvp import adapter
 from lightning_lvp.io import instantiate
 from lightning_lvp.model import PrunedLlava
+
+if TYPE_CHECKING:
+    from transformers import LlavaConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 SHIPPED_CONFIGS = {"llava-hf/llava-1.5-7b-hf": "llava-1.5-7b-hf.json"}
@@ -64,12 +67,16 @@ PRUNER_TEXT = {
 }
 
 aten = torch.ops.aten
+
+
 # On CPU, SDPA dispatches to a fused kernel that FlopCounterMode (torch 2.13) has no formula for.
 def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
-def _cpu_sdpa_backward_flop(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+def _cpu_sdpa_backward_flop(
+    grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs
+) -> int:
     return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
@@ -85,7 +92,7 @@ def resolve_model_config(model: str) -> LlavaConfig:
     """LlavaConfig of a known hub id (shipped JSON, no download), a ``.json`` file or a model folder/hub id."""
     shipped = SHIPPED_CONFIGS.get(model.lower().rstrip("/"))
     if shipped is not None:
-        return LlavaConfig.from_json_file(str(CONFIG_DIR / shipped))
+        return adapter.load_config(str(CONFIG_DIR / shipped))
     return adapter.load_config(model)
 
 
@@ -138,14 +145,19 @@ class ShapeOnlyMode(TorchDispatchMode):
         leaves, _ = tree_flatten((args, kwargs))
         return any(isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel() >= self.small for x in leaves)
 
-    def _like(self, m: torch.Tensor) -> torch.Tensor:
-        out = torch.empty_strided(m.shape, m.stride(), dtype=m.dtype)
+    def _like(self, m: torch.Tensor, device: torch.device) -> torch.Tensor:
+        out = torch.empty_strided(m.shape, m.stride(), dtype=m.dtype, device=device)
         return out if m.numel() >= self.small else out.zero_()  # small results may be read: no garbage
 
     def _meta_out(self, func, args, kwargs):
         """Meta-device result of ``func`` (cached by shapes: the 32 layers repeat the same ops), or None = run for real."""
         leaves = tree_flatten((args, kwargs))[0]
-        key = (func, len(args), tuple(kwargs), *((x.shape, x.stride(), x.dtype) if isinstance(x, torch.Tensor) else x for x in leaves))
+        key = (
+            func,
+            len(args),
+            tuple(kwargs),
+            *((x.shape, x.stride(), x.dtype) if isinstance(x, torch.Tensor) else x for x in leaves),
+        )
         try:
             return self._cache[key]
         except (KeyError, TypeError):  # TypeError: an unhashable argument, do not cache
@@ -172,7 +184,8 @@ class ShapeOnlyMode(TorchDispatchMode):
             return func(*args, **kwargs)
         if func._schema.is_mutable:
             return kwargs.get("out", args[0] if args else None)
-        return tree_map_only(torch.Tensor, self._like, out)
+        device = next(x.device for x in tree_flatten((args, kwargs))[0] if isinstance(x, torch.Tensor))
+        return tree_map_only(torch.Tensor, lambda m: self._like(m, device), out)
 
 
 @contextmanager
@@ -195,14 +208,16 @@ def zero_weights_(module: nn.Module) -> nn.Module:
     for mod in module.modules():
         for name, p in list(mod._parameters.items()):
             if p is not None and p.is_meta:
-                mod._parameters[name] = nn.Parameter(torch.zeros((), dtype=p.dtype).expand(p.shape), requires_grad=False)
+                mod._parameters[name] = nn.Parameter(
+                    torch.zeros((), dtype=p.dtype).expand(p.shape), requires_grad=False
+                )
         for name, b in list(mod._buffers.items()):
             if b is not None and b.is_meta:
                 mod._buffers[name] = torch.zeros((), dtype=b.dtype).expand(b.shape)
     return module
 
 
-def buildshape_only_context(config: LlavaConfig, method: dict[str, Any] | None = None) -> PrunedLlava:
+def build_shape_only(config: LlavaConfig, method: dict[str, Any] | None = None) -> PrunedLlava:
     """PrunedLlava of ``config`` with weightless parameters (built on ``meta``), for :class:`ShapeOnlyMode`.
 
     Args:
@@ -299,7 +314,9 @@ def count_forward(
     return _component_flops(counter.get_flop_counts(), wrapper), out
 
 
-def all_vision_pruner_flops(pruned: PrunedLlava, n_vision: int, n_keys: int, batch_size: int = 1, shape_only: bool = False) -> int:
+def all_vision_pruner_flops(
+    pruned: PrunedLlava, n_vision: int, n_keys: int, batch_size: int = 1, shape_only: bool = False
+) -> int:
     """FLOPs of every decision module scoring all ``n_vision`` original vision tokens (the paper's 0.71 T)."""
     decision = getattr(pruned.method, "decision", None)
     if not decision:
@@ -367,7 +384,8 @@ def count_schedules(
         flops, out = count_forward(pruned, batch, schedule, lm_head, shape_only)
         if pruners == "all_vision":
             n_vision = int(out.state.n_vision.max())
-            n_keys = int((batch["attention_mask"].bool() & (batch["input_ids"] != pruned.llava.config.image_token_id)).sum(1).max())
+            text = batch["attention_mask"].bool() & (batch["input_ids"] != adapter.image_token_id(pruned.llava))
+            n_keys = int(text.sum(1).max())
             extra = all_vision_pruner_flops(pruned, n_vision, n_keys, batch["input_ids"].shape[0], shape_only)
             flops["total"] += extra - flops["pruners"]
             flops["pruners"] = extra
@@ -384,7 +402,7 @@ def count_config(
     pruners: str = "alive",
 ) -> list[dict[str, Any]]:
     """:func:`count_schedules` for an architecture config (weightless, shape-only) on :func:`dummy_batch`."""
-    pruned = buildshape_only_context(config, method)
+    pruned = build_shape_only(config, method)
     return count_schedules(pruned, dummy_batch(config, text_tokens), schedules, lm_head, pruners, shape_only=True)
 
 
@@ -465,7 +483,9 @@ def format_table(rows: list[dict[str, Any]], with_paper: bool) -> str:
     for r in rows:
         name = "unpruned" if r["schedule"] is None else str(r["schedule"])
         change = "" if r["schedule"] is None else f"{100 * r['reduction']:+.1f}%"
-        line = f"{name:<22}{r['tflops']:>8.3f}{change:>9}" + "".join(f"{r['by_component'][c]:>13.3f}" for c in COMPONENTS)
+        line = f"{name:<22}{r['tflops']:>8.3f}{change:>9}" + "".join(
+            f"{r['by_component'][c]:>13.3f}" for c in COMPONENTS
+        )
         if with_paper and r.get("paper_tflops") is not None:
             line += f"{r['paper_tflops']:>8.2f} ({100 * (r['tflops'] / r['paper_tflops'] - 1):+.1f}%)"
         lines.append(line)
@@ -482,7 +502,11 @@ def flops_command(argv: list[str]) -> int:
     if schedules and method is None:
         raise SystemExit("flops: schedules given but the config names no model.method to prune with")
     config = resolve_model_config(model)
-    rows = count_config(config, method, schedules or [], args.text_tokens, args.lm_head, args.convention)
+    try:
+        rows = count_config(config, method, schedules or [], args.text_tokens, args.lm_head, args.convention)
+    except ValueError as err:  # e.g. a data-dependent schedule, or all_vision without decision modules
+        print(f"flops: {err}", file=sys.stderr)
+        return 2
     paper = model.lower() in SHIPPED_CONFIGS and args.text_tokens == 30
     convention = {**CONVENTION, "lm_head": LM_HEAD_TEXT[args.lm_head], "pruners": PRUNER_TEXT[args.convention]}
     convention["input"] = f"1 image + {args.text_tokens} text tokens, batch 1; model {model}"

@@ -82,6 +82,16 @@ def test_resume_continues_from_checkpoint(model_dir, tmp_path):
     assert first["global_step"] == 2 and resumed["global_step"] == 4
     key = next(k for k in first["state_dict"] if k.startswith("method."))
     assert not torch.equal(first["state_dict"][key], resumed["state_dict"][key])
+    # export: pruner-only folder from the checkpoint, loadable on its own, same weights
+    from lightning_lvp import adapter
+    from lightning_lvp.io import load_pruners
+
+    assert main(["export", f"--ckpt_path={last}", f"--out={tmp_path / 'pruners'}"]) == 0
+    method = load_pruners(tmp_path / "pruners", adapter.text_dims(adapter.load_config(str(model_dir))))
+    for name, value in method.state_dict().items():
+        assert torch.equal(value, first["state_dict"]["method." + name])
+    with pytest.raises(FileExistsError, match="already holds pruners"):
+        main(["export", f"--ckpt_path={last}", f"--out={tmp_path / 'pruners'}"])
 
 
 def test_bad_config_values_name_the_field(model_dir, tmp_path):

@@ -90,7 +90,13 @@ def test_done_curriculum_is_the_identity():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(max_n=0), dict(max_n=4, start_n=5), dict(max_n=4, growth=1.0), dict(max_n=4, threshold=1.0), dict(max_n=4, window=0)],
+    [
+        dict(max_n=0),
+        dict(max_n=4, start_n=5),
+        dict(max_n=4, growth=1.0),
+        dict(max_n=4, threshold=1.0),
+        dict(max_n=4, window=0),
+    ],
 )
 def test_controller_rejects_bad_arguments(kwargs):
     with pytest.raises(ValueError):

@@ -1,4 +1,5 @@
 """vicuna_v1 rendering, tokenization and label masking against hand-built expectations."""
+# ruff: noqa: F811  (pytest fixtures imported from data_fixtures are redefined as arguments)
 
 from __future__ import annotations
 
@@ -77,9 +78,15 @@ def _sentencepiece_like_tokenizer() -> PreTrainedTokenizerFast:
     corpus = [VICUNA_V1.system, "USER: What digit is in r3c5? ASSISTANT: 7 How many 7s are in row 2? 1 yes no"]
     tok.train_from_iterator(corpus * 10, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"]))
     tok.add_special_tokens(["<image>"])
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", extra_special_tokens={"image_token": "<image>"}
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        extra_special_tokens={"image_token": "<image>"},
     )
 
 

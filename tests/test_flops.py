@@ -62,7 +62,11 @@ def test_shipped_7b_config(config7b):
     assert (tc.hidden_size, tc.intermediate_size, tc.num_hidden_layers, tc.num_attention_heads) == (4096, 11008, 32, 32)
     assert (tc.vocab_size, tc.max_position_embeddings, tc.rms_norm_eps) == (32064, 4096, 1e-5)
     assert (vc.hidden_size, vc.num_hidden_layers, vc.image_size, vc.patch_size) == (1024, 24, 336, 14)
-    assert (config7b.image_token_id, config7b.vision_feature_layer, config7b.projector_hidden_act) == (32000, -2, "gelu")
+    assert (config7b.image_token_id, config7b.vision_feature_layer, config7b.projector_hidden_act) == (
+        32000,
+        -2,
+        "gelu",
+    )
     with torch.device("meta"):
         n = sum(p.numel() for p in adapter.build_from_config(config7b).parameters())
     assert 7.0e9 < n < 7.1e9  # LLaVA-1.5-7B: 7.06 B
@@ -177,7 +181,17 @@ model:
   method: {json.dumps(LVP_TINY)}
 """,
     )
-    argv = ["-c", cfg, "--model-config", str(config_json), "--text-tokens", "12", "--schedules", "0.6,0.4,0.2", "0.5,0.3,0.1"]
+    argv = [
+        "-c",
+        cfg,
+        "--model-config",
+        str(config_json),
+        "--text-tokens",
+        "12",
+        "--schedules",
+        "0.6,0.4,0.2",
+        "0.5,0.3,0.1",
+    ]
     assert F.flops_command([*argv, "--json", "--convention", "all_vision"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["schedule"] for r in rows] == [None, [0.6, 0.4, 0.2], [0.5, 0.3, 0.1]]

@@ -107,7 +107,9 @@ class SkipCountingLoader(DataLoader):
                 yield batch
         if self.epoch_skips:
             reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.epoch_skips.items()))
-            log.warning("%s: skipped %d bad samples this epoch (%s)", self.split, sum(self.epoch_skips.values()), reasons)
+            log.warning(
+                "%s: skipped %d bad samples this epoch (%s)", self.split, sum(self.epoch_skips.values()), reasons
+            )
 
 
 def answer_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -208,7 +208,12 @@ class LlavaDataModule(L.LightningDataModule):
         n_val = round(self.val_fraction * len(train))
         val = [train[i] for i in sorted(order[:n_val])]
         train = [train[i] for i in sorted(order[n_val:])]
-        log.info("held out %d of %d entries for validation (data.val_fraction=%s)", n_val, n_val + len(train), self.val_fraction)
+        log.info(
+            "held out %d of %d entries for validation (data.val_fraction=%s)",
+            n_val,
+            n_val + len(train),
+            self.val_fraction,
+        )
         return train, val, self.image_folders
 
     def setup(self, stage: str | None = None) -> None:

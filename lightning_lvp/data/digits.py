@@ -261,7 +261,10 @@ def build_digits_dataset(cfg: DigitsConfig, root: str | os.PathLike) -> None:
     root = Path(root)
     images, labels, train_pool, val_pool = load_digit_pool(cfg.seed, cfg.val_digit_fraction)
     seeds = np.random.SeedSequence(cfg.seed).spawn(2)
-    for split, n, pool, seq in (("train", cfg.train_images, train_pool, seeds[0]), ("val", cfg.val_images, val_pool, seeds[1])):
+    for split, n, pool, seq in (
+        ("train", cfg.train_images, train_pool, seeds[0]),
+        ("val", cfg.val_images, val_pool, seeds[1]),
+    ):
         entries, grids = _build_split(split, n, pool, images, labels, np.random.default_rng(seq), cfg, root)
         (root / f"{split}.json").write_text(json.dumps(entries, indent=0))
         (root / f"{split}_grids.json").write_text(json.dumps(grids))

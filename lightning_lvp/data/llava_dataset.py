@@ -268,9 +268,7 @@ class LlavaDataset(Dataset):
 
     def approximate_lengths(self) -> list[int]:
         """Per-entry length estimate without tokenizing (words + image tokens), for length grouping."""
-        return [
-            sum(len(t["value"].split()) for t in e["conversations"]) + self.num_image_tokens for e in self.entries
-        ]
+        return [sum(len(t["value"].split()) for t in e["conversations"]) + self.num_image_tokens for e in self.entries]
 
     def __getitem__(self, index: int) -> dict | Skipped:
         entry = self.entries[index]

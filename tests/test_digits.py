@@ -1,0 +1,133 @@
+"""The embedded digits-grid dataset: determinism, correct answers, disjoint splits, relevant patches."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from lightning_lvp.data.digits import DigitsConfig, build_digits_dataset, cell_patches, ensure_digits_dataset
+from lightning_lvp.data.llava_dataset import filter_entries, load_entries
+
+SMALL = dict(
+    grid_size=4, train_images=12, val_images=6, questions_per_type=2, question_types=["cell", "row_count", "col_count"]
+)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """The small dataset built twice into two folders."""
+    cfg = DigitsConfig(**SMALL)
+    a, b = tmp_path_factory.mktemp("a"), tmp_path_factory.mktemp("b")
+    build_digits_dataset(cfg, a)
+    build_digits_dataset(cfg, b)
+    return cfg, a, b
+
+
+def test_deterministic_for_a_seed(built, tmp_path):
+    cfg, a, b = built
+    for name in ("train.json", "val.json", "train_grids.json", "val_grids.json"):
+        assert (a / name).read_bytes() == (b / name).read_bytes()
+    for png in sorted((a / "train").glob("*.png"))[:4]:
+        assert png.read_bytes() == (b / "train" / png.name).read_bytes()
+    build_digits_dataset(DigitsConfig(**{**SMALL, "seed": 1}), tmp_path)
+    assert (tmp_path / "train.json").read_text() != (a / "train.json").read_text()
+
+
+def _answer(question: str, labels: np.ndarray) -> str:
+    """Re-derives the answer from the generating digits' scikit-learn labels. labels: (G, G)."""
+    if m := re.fullmatch(r"<image>\nWhat digit is in r(\d+)c(\d+)\?", question):
+        return str(labels[int(m[1]) - 1, int(m[2]) - 1])
+    if m := re.fullmatch(r"<image>\nHow many (\d)s are in row (\d+)\?", question):
+        return str(int((labels[int(m[2]) - 1] == int(m[1])).sum()))
+    m = re.fullmatch(r"<image>\nHow many (\d)s are in column (\d+)\?", question)
+    return str(int((labels[:, int(m[2]) - 1] == int(m[1])).sum()))
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_answers_match_the_digit_labels(built, split):
+    cfg, root, _ = built
+    digits = load_digits()
+    grids = json.loads((root / f"{split}_grids.json").read_text())
+    entries = json.loads((root / f"{split}.json").read_text())
+    for e in entries:
+        index = np.array(grids[e["image"]]).reshape(cfg.grid_size, cfg.grid_size)
+        assert e["conversations"][1]["value"] == _answer(e["conversations"][0]["value"], digits.target[index])
+    # the pixels are the digits themselves (values 0..16 scaled to 0..255)
+    first = entries[0]["image"]
+    pixels = np.asarray(Image.open(root / first))
+    index = grids[first][cfg.grid_size + 1]  # row 2, column 2
+    expected = np.round(digits.images[index] * 255 / 16).astype(np.uint8)
+    assert np.array_equal(pixels[8:16, 8:16], expected)
+
+
+def test_train_and_val_use_disjoint_digits(built):
+    _, root, _ = built
+    train = {i for g in json.loads((root / "train_grids.json").read_text()).values() for i in g}
+    val = {i for g in json.loads((root / "val_grids.json").read_text()).values() for i in g}
+    assert train and val and not train & val
+
+
+def test_questions_about_one_image_have_different_answers(built):
+    _, root, _ = built
+    answers = defaultdict(list)
+    for e in json.loads((root / "train.json").read_text()):
+        answers[e["image"], e["question_type"]].append(e["conversations"][1]["value"])
+    assert all(len(a) == len(set(a)) for a in answers.values())
+    per_image = defaultdict(set)
+    for (image, _), a in answers.items():
+        per_image[image].update(a)
+    assert all(len(a) > 1 for a in per_image.values())
+
+
+def test_entries_are_llava_format_with_relevant_patches(built):
+    cfg, root, _ = built
+    entries = load_entries(root / "train.json")
+    kept, report = filter_entries(entries, "train.json")
+    assert report.kept == len(entries) == len(kept)
+    for e in entries:
+        assert (root / e["image"]).is_file()
+        n = {"cell": 1, "row_count": cfg.grid_size, "col_count": cfg.grid_size}[e["question_type"]]
+        assert len(e["relevant_patches"]) == n
+    cell = next(e for e in entries if e["question_type"] == "cell")
+    r, c = map(int, re.search(r"r(\d+)c(\d+)", cell["conversations"][0]["value"]).groups())
+    assert cell["relevant_patches"] == [(r - 1) * cfg.grid_size + (c - 1)]
+    with Image.open(root / cell["image"]) as image:
+        assert image.size == (cfg.image_size, cfg.image_size) and image.mode == "L"
+
+
+def test_relevant_patches_when_cells_span_several_patches():
+    cfg = DigitsConfig(grid_size=3, cell_px=16, patch_size=8)  # 6x6 patches, 2x2 per cell
+    assert cell_patches([0], [0], cfg) == [0, 1, 6, 7]
+    assert cell_patches([2], [1], cfg) == [26, 27, 32, 33]
+    cfg = DigitsConfig(grid_size=4, cell_px=8, patch_size=16)  # one patch holds 2x2 cells
+    assert cell_patches([3], [3], cfg) == [3]
+
+
+def test_ensure_builds_once_into_the_cache(tmp_path):
+    cfg = DigitsConfig(**{**SMALL, "train_images": 2, "val_images": 1})
+    folder = ensure_digits_dataset(cfg, tmp_path)
+    stamp = (folder / "train.json").stat().st_mtime_ns
+    assert ensure_digits_dataset(cfg, tmp_path) == folder
+    assert (folder / "train.json").stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [folder.name]  # no temporary folder left behind
+
+
+@pytest.mark.parametrize(
+    "kwargs, flag",
+    [
+        (dict(grid_size=17), "grid_size"),
+        (dict(cell_px=4), "cell_px"),
+        (dict(patch_size=5), "patch_size"),
+        (dict(question_types=["colour"]), "question_types"),
+        (dict(questions_per_type=0), "questions_per_type"),
+    ],
+)
+def test_config_errors_name_the_field(kwargs, flag):
+    with pytest.raises(ValueError, match=flag):
+        DigitsConfig(**kwargs)

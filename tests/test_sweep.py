@@ -1,0 +1,77 @@
+"""Sweep job: 3 schedules on a tiny model write CSV/JSON/PNG/TensorBoard and resume after an interruption."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from cli_fixtures import tiny_model_folder
+
+from lightning_lvp import adapter, sweep
+from lightning_lvp.io import save_pruners
+from lightning_lvp.methods import LVPruning
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep")
+    model_dir = tiny_model_folder(root / "model")
+    method = LVPruning(after_layers=[1, 2, 4], keep_ratios=[0.5, 0.3, 0.1], train_ratios=[0.5, 0.3, 0.1], num_heads=4)
+    method.bind(adapter.text_dims(adapter.load_config(str(model_dir))))
+    save_pruners(method, root / "pruners")
+    cfg = (REPO / "experiments" / "demo.yaml").read_text()
+    cfg = cfg.replace("    cache_dir: .cache", f"    cache_dir: {root / 'cache'}\n    digits:\n      train_images: 8\n      val_images: 8")
+    (root / "cfg.yaml").write_text(cfg)
+    return root, model_dir
+
+
+def run(root, model_dir, out, rhos, extra=()):
+    return sweep.sweep_command(
+        ["-c", str(root / "cfg.yaml"), "--pruners", str(root / "pruners"), "--model_path", str(model_dir),
+         "--rhos", rhos, "--out", str(out), "--batch_size", "8", *extra]
+    )
+
+
+def test_sweep_writes_files_and_resumes(setup, tmp_path, monkeypatch):
+    root, model_dir = setup
+    out = tmp_path / "out"
+    calls = []
+    real = sweep.evaluate_one
+    monkeypatch.setattr(sweep, "evaluate_one", lambda *a: calls.append(a[3]) or real(*a))
+    # "interrupted" run: base + 1 schedule done
+    assert run(root, model_dir, out, "0.6") == 0
+    assert calls == [None, [0.6, 0.4, 0.2]]
+    calls.clear()
+    # resumed with the full list of 3 schedules: only the missing ones are evaluated
+    assert run(root, model_dir, out, "0.45:0.6:0.05", ["--no_base"]) == 0
+    assert calls == [[0.45, 0.25, 0.05], [0.5, 0.3, 0.1], [0.55, 0.35, 0.15]]
+    data = json.loads((out / "results.json").read_text())
+    rows = data["rows"]
+    assert [r["name"] for r in rows] == ["base", "[0.6, 0.4, 0.2]", "[0.45, 0.25, 0.05]", "[0.5, 0.3, 0.1]", "[0.55, 0.35, 0.15]"]
+    tflops = {r["name"]: r["tflops"] for r in rows}
+    assert tflops["[0.45, 0.25, 0.05]"] < tflops["[0.5, 0.3, 0.1]"] < tflops["[0.6, 0.4, 0.2]"]
+    assert rows[3]["kept_tokens"] == [18.0, 11.0, 4.0]  # round(rho x 36) per stage
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["ms_per_sample"] > 0 for r in rows)
+    csv_lines = (out / "results.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("name,ratios,accuracy,tflops") and len(csv_lines) == 6
+    assert (out / "acc_vs_tflops.png").stat().st_size > 1000
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_sweep_never_overwrites_other_results(setup, tmp_path):
+    root, model_dir = setup
+    out = tmp_path / "out"
+    (out).mkdir()
+    (out / "results.json").write_text(json.dumps({"settings": {"config": "other"}, "rows": []}))
+    with pytest.raises(FileExistsError, match="results of other settings"):
+        run(root, model_dir, out, "0.5")
+
+
+def test_schedule_parsing():
+    assert sweep.parse_range("0.3:0.4:0.05") == [0.3, 0.35, 0.4]
+    assert sweep.build_schedules([0.3], [], 3) == [[0.3, 0.1, 0.05]]  # rho - 0.4 < 0 clipped to min_ratio
+    with pytest.raises(ValueError, match="has 2 ratios, the pruners have 3 stages"):
+        sweep.build_schedules([], ["0.5,0.3"], 3)

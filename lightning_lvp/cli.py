@@ -16,6 +16,7 @@ EXTRA_COMMANDS = {
     "sweep": ("lightning_lvp.sweep", "sweep_command", "evaluate a list/range of inference schedules"),
     "export": ("lightning_lvp.export", "export_command", "write pruner weights from a checkpoint"),
     "compare": ("lightning_lvp.compare", "compare_command", "LVPruning vs training-free baselines on one data set"),
+    "evaluate": ("lightning_lvp.eval.runner", "evaluate_command", "answer and score a benchmark (LLaVA formats)"),
 }
 
 

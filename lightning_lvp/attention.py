@@ -154,4 +154,12 @@ def masked_softmax_attention(
     if query.shape[-2] != key.shape[-2]:
         raise ValueError("masked_softmax_attention is for full-sequence (training) forwards without a KV cache")
     scale = scale if scale is not None else 1.0 / math.sqrt(query.shape[-1])
+    # one dtype for q, k, v: autocast's (as it would cast SDPA) or their common type; the backward
+    # recomputation runs outside autocast and needs them equal
+    device = query.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+    else:
+        dtype = torch.promote_types(torch.promote_types(query.dtype, key.dtype), value.dtype)
+    query, key, value = (x.to(dtype) for x in (query, key, value))
     return MaskedSoftmaxAttention.apply(query, key, value, base_mask, keep, scale)

@@ -221,3 +221,15 @@ def test_bad_inputs_raise_clear_errors():
         model.forward_infer(**inputs(batch), ratios=[0.5, 0.3, 0.01])
     with pytest.raises(ValueError, match="ratios must be non-increasing"):
         model.forward_infer(**inputs(batch), ratios=[0.5, 0.6, 0.1])
+
+
+def test_bf16_autocast_training_step():
+    """bf16-mixed (autocast) works through the eq. 9 attention in forward and backward."""
+    model = make_model()
+    batch = make_batch([(3, 6, 3), (5, 2, 2)], padding="right")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.forward_train(**inputs(batch), labels=batch["labels"])
+        loss = out.loss_causal + out.kept.float().sum()
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.method.parameters())

@@ -88,7 +88,7 @@ class LVPruning(PruningMethod):
         ki, kvalid = pack_index(self._key_mask(state))  # (B, Nt)
         gamma = self.decision[ctx.stage](gather_rows(state.hidden, qi), gather_rows(state.hidden, ki), kvalid)
         gamma = gamma * qvalid[..., None]
-        full = state.hidden.new_zeros(*state.valid.shape, 2)
+        full = gamma.new_zeros(*state.valid.shape, 2)  # gamma's dtype (autocast may differ from hidden)
         return full.scatter(1, qi[..., None].expand(-1, -1, 2), gamma)  # qi is a permutation slice: no clashes
 
     def scores(self, state: SeqState, ctx: StageContext) -> torch.Tensor:

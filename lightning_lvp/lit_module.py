@@ -191,8 +191,8 @@ class LVPModule(L.LightningModule):
             acc = per_sample_exact_match(logits, targets, rows, bs).float().mean()
         self.log("val/acc", acc, prog_bar=True, batch_size=bs, sync_dist=True)
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[str]:
-        """Greedy answers (token ids) for prompt-only batches."""
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        """Greedy answers, (B, n) new token ids, for prompt-only (left-padded) batches at val_ratios."""
         return self.model.generate(**model_inputs(batch), ratios=self.hparams.val_ratios, max_new_tokens=16)
 
     # -------------------------------------------------------------------------------- optimizer

@@ -40,13 +40,13 @@ def test_deterministic_for_a_seed(built, tmp_path):
 
 
 def _answer(question: str, labels: np.ndarray) -> str:
-    """Re-derives the answer from the generating digits' scikit-learn labels. labels: (G, G)."""
-    if m := re.fullmatch(r"<image>\nWhat digit is in r(\d+)c(\d+)\?", question):
-        return str(labels[int(m[1]) - 1, int(m[2]) - 1])
-    if m := re.fullmatch(r"<image>\nHow many (\d)s are in row (\d+)\?", question):
-        return str(int((labels[int(m[2]) - 1] == int(m[1])).sum()))
-    m = re.fullmatch(r"<image>\nHow many (\d)s are in column (\d+)\?", question)
-    return str(int((labels[:, int(m[2]) - 1] == int(m[1])).sum()))
+    """Re-derives the reply from the generating digits' scikit-learn labels. labels: (G, G)."""
+    if m := re.fullmatch(r"<image>\nWhat digit is in (r(\d+)c(\d+))\?", question):
+        return f"{m[1]} {labels[int(m[2]) - 1, int(m[3]) - 1]}"
+    if m := re.fullmatch(r"<image>\nHow many (\d)s are in row(\d+)\?", question):
+        return f"{m[1]}s row{m[2]} {int((labels[int(m[2]) - 1] == int(m[1])).sum())}"
+    m = re.fullmatch(r"<image>\nHow many (\d)s are in column(\d+)\?", question)
+    return f"{m[1]}s column{m[2]} {int((labels[:, int(m[2]) - 1] == int(m[1])).sum())}"
 
 
 @pytest.mark.parametrize("split", ["train", "val"])

@@ -4,12 +4,13 @@ Each image is a ``grid_size x grid_size`` grid of 8x8 digits from ``sklearn.data
 (1,797 real scans, shipped inside scikit-learn, so nothing is downloaded). Questions point at a part
 of the image, so the answer cannot be read off the image without the question:
 
-- ``cell``: "What digit is in r3c5?" -> "7" (the cell in row 3, column 5; 1 patch matters).
-- ``row_count``: "How many 7s are in row 2?" -> "1" (the ``grid_size`` patches of row 2 matter).
-- ``col_count``: "How many 7s are in column 4?" -> "0" (the patches of column 4 matter).
+- ``cell``: "What digit is in r3c5?" -> "r3c5 7" (the cell in row 3, column 5; 1 patch matters).
+- ``row_count``: "How many 7s are in row2?" -> "7s row2 1" (the ``grid_size`` patches of row 2 matter).
+- ``col_count``: "How many 7s are in column4?" -> "7s column4 0" (the patches of column 4 matter).
 
-A cell is named by ONE token (``r3c5``) because position look-up from scratch only learns quickly
-that way (``docs/DATA.md``). Train and validation images are built from disjoint digit samples.
+A cell, row or column is named by ONE token (``r3c5``, ``row2``) and the short reply restates it
+right before the answer, because a tiny LLaVA trained from scratch behind the vicuna_v1 template
+only learns the position look-up quickly that way (measurements in ``docs/DATA.md``). Train and validation images are built from disjoint digit samples.
 Every entry carries ``question_type`` and ``relevant_patches`` (indices of the vision patches that
 decide the answer, row-major like CLIP's patch order); ``{split}_grids.json`` keeps the scikit-learn
 index of every digit of every image so answers can be checked against the original labels.
@@ -32,10 +33,12 @@ log = logging.getLogger(__name__)
 
 QUESTION_TYPES = ("cell", "row_count", "col_count")
 MAX_GRID_SIZE = 16
-_FORMAT_VERSION = 1
-_CELL_QUESTION = "What digit is in {cell}?"
-_ROW_QUESTION = "How many {digit}s are in row {row}?"
-_COL_QUESTION = "How many {digit}s are in column {col}?"
+_FORMAT_VERSION = 2
+# The reply restates the named part right before the answer ("r3c5 7"): the token that predicts the
+# answer then names the cell itself, so the look-up is one attention step (docs/DATA.md, measured).
+_CELL = ("What digit is in {cell}?", "{cell} {digit}")
+_ROW = ("How many {digit}s are in row{line}?", "{digit}s row{line} {count}")
+_COL = ("How many {digit}s are in column{line}?", "{digit}s column{line} {count}")
 
 
 @dataclass
@@ -106,9 +109,10 @@ def cell_token(row: int, col: int) -> str:
 
 def digits_vocabulary(max_grid: int = MAX_GRID_SIZE) -> list[str]:
     """Every word the question templates and answers use (for the word-level demo tokenizer)."""
-    words = ["What", "digit", "is", "in", "How", "many", "are", "row", "column", "?"]
+    words = ["What", "digit", "is", "in", "How", "many", "are", "?"]
     words += [str(i) for i in range(max_grid * max_grid + 1)]
     words += [f"{d}s" for d in range(10)]
+    words += [f"{axis}{i}" for axis in ("row", "column") for i in range(1, max_grid + 1)]
     words += [cell_token(r, c) for r in range(1, max_grid + 1) for c in range(1, max_grid + 1)]
     return words
 
@@ -172,8 +176,8 @@ def _cell_questions(labels: np.ndarray, k: int, rng: np.random.Generator, cfg: D
         if int(labels[r, c]) in used:
             continue
         used.add(int(labels[r, c]))
-        question = _CELL_QUESTION.format(cell=cell_token(r + 1, c + 1))
-        out.append(dict(type="cell", question=question, answer=str(labels[r, c]), rows=[r], cols=[c]))
+        question, answer = (t.format(cell=cell_token(r + 1, c + 1), digit=labels[r, c]) for t in _CELL)
+        out.append(dict(type="cell", question=question, answer=answer, rows=[r], cols=[c]))
     return out
 
 
@@ -196,13 +200,9 @@ def _count_questions(labels: np.ndarray, k: int, axis: str, rng: np.random.Gener
         if count in used:
             continue
         used.add(count)
-        if axis == "row":
-            question = _ROW_QUESTION.format(digit=digit, row=line + 1)
-            rows, cols = [line] * g, list(range(g))
-        else:
-            question = _COL_QUESTION.format(digit=digit, col=line + 1)
-            rows, cols = list(range(g)), [line] * g
-        out.append(dict(type=f"{axis}_count", question=question, answer=str(count), rows=rows, cols=cols))
+        question, answer = (t.format(digit=digit, line=line + 1, count=count) for t in (_ROW if axis == "row" else _COL))
+        rows, cols = ([line] * g, list(range(g))) if axis == "row" else (list(range(g)), [line] * g)
+        out.append(dict(type=f"{axis}_count", question=question, answer=answer, rows=rows, cols=cols))
     return out
 
 

@@ -63,6 +63,8 @@ def test_fit_logs_ratios_losses_and_sweep_and_keeps_llava_frozen(model_dir, tmp_
         "val/acc@base",
         "val/acc@rho0.5",
         "val/tflops@rho0.45",
+        "image:val/pruning",  # kept patches per stage drawn on validation images
+        "image:val/acc_vs_tflops",  # the sweep plot
     ):
         assert tag in tags, f"{tag} missing from {sorted(tags)}"
     out = capsys.readouterr().out

@@ -103,3 +103,33 @@ def test_bad_config_values_name_the_field(model_dir, tmp_path):
         main(fit_args(model_dir, tmp_path, extra=["--model.init_args.method.init_args.after_layers=[1,2,7]"]))
     with pytest.raises(ValueError, match="model.warmup_ratio must be in"):
         main(fit_args(model_dir, tmp_path, extra=["--model.init_args.warmup_ratio=1.5"]))
+
+
+def test_demo_base_config_reproduces_a_loadable_base(tmp_path):
+    """experiments/demo_base.yaml (shrunk) trains a base from scratch and saves it like assets/demo_base."""
+    from safetensors.torch import load_file
+
+    from lightning_lvp import adapter
+
+    out = tmp_path / "base"
+    main(
+        [
+            "fit",
+            "-c",
+            str(REPO / "experiments" / "demo_base.yaml"),
+            f"--model.init_args.model_path={REPO / 'assets' / 'demo_init'}",
+            f"--model.init_args.save_base_to={out}",
+            "--trainer.max_steps=2",
+            "--trainer.val_check_interval=2",
+            "--trainer.limit_val_batches=1",
+            f"--trainer.default_root_dir={tmp_path}",
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+            *small_data_args(tmp_path / "cache"),
+        ]
+    )
+    shipped = adapter.load_config(str(REPO / "assets" / "demo_base"))
+    assert adapter.text_dims(adapter.load_config(str(out))) == adapter.text_dims(shipped)
+    assert load_file(str(out / "model.safetensors")).keys() == load_file(str(REPO / "assets" / "demo_base" / "model.safetensors")).keys()
+    assert (out / "tokenizer.json").read_text() == (REPO / "assets" / "demo_base" / "tokenizer.json").read_text()
+    model = adapter.load_llava(str(out))  # loads with our attention, frozen
+    assert not any(p.requires_grad for p in model.parameters())

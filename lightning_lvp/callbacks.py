@@ -215,7 +215,8 @@ def draw_pruning(batch: dict[str, Any], kept: list[torch.Tensor], after_layers: 
             mask = torch.nn.functional.interpolate(mask[None, None], size=img.shape[:2], mode="nearest")[0, 0]
             shown = img * (0.25 + 0.75 * mask.numpy()[..., None])
             axes[i, s + 1].imshow(shown.squeeze())
-            axes[i, s + 1].set_title(f"after layer {after_layers[s]}: {int(k[i].sum())} kept", fontsize=7)
+            where = f"after layer {after_layers[s]}" if after_layers[s] else "LLM input"
+            axes[i, s + 1].set_title(f"{where}: {int(k[i].sum())} kept", fontsize=7)
     for ax in axes.flat:
         ax.axis("off")
     fig.tight_layout()

@@ -133,7 +133,8 @@ class LVPModule(L.LightningModule):
 
     @property
     def stage_names(self) -> list[str]:
-        return [f"layer{layer}" for layer in self.method.after_layers] if self.method else []
+        """Metric suffix per stage: ``layer<l>`` (after LLM layer l), ``input`` for after_layer 0."""
+        return [f"layer{layer}" if layer else "input" for layer in self.method.after_layers] if self.method else []
 
     # ------------------------------------------------------------------------------------ steps
     def current_tau(self) -> float:

@@ -200,8 +200,9 @@ class PrunedLlava(nn.Module):
         pos_emb = adapter.rotary(self.llava, hidden, state.position_ids)
         vision_f = state.vision.to(hidden.dtype)
         keep, cumulative, kept, all_decisions = None, None, [], []
-        for i in range(self.dims.num_layers):
-            hidden = self._layer(i, hidden, mask, state.position_ids, pos_emb, keep=keep)
+        for i in range(-1, self.dims.num_layers):  # i = -1: a pruning point on the LLM input (after_layer 0)
+            if i >= 0:
+                hidden = self._layer(i, hidden, mask, state.position_ids, pos_emb, keep=keep)
             s = self.points.get(i + 1)
             if s is None:
                 continue
@@ -209,7 +210,8 @@ class PrunedLlava(nn.Module):
             if decisions is not None:
                 d = decisions[s].to(hidden.dtype) * vision_f
             else:
-                d = self.method.decide(state, StageContext(s, i, vision_hidden), tau).to(hidden.dtype)
+                layer = i if i >= 0 else None
+                d = self.method.decide(state, StageContext(s, layer, vision_hidden), tau).to(hidden.dtype)
             cumulative = d if cumulative is None else d * cumulative  # eq. 10: dropped stays dropped
             keep = torch.where(state.vision, cumulative, torch.ones_like(cumulative))  # eq. 7 columns
             kept.append(cumulative.sum(1) / state.n_vision.clamp(min=1))

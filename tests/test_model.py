@@ -233,3 +233,19 @@ def test_bf16_autocast_training_step():
     loss.backward()
     assert torch.isfinite(loss)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.method.parameters())
+
+
+def test_masking_equals_removal_with_a_module_on_the_llm_input():
+    """after_layer 0: the first module reads the input embeddings; both paths still agree."""
+    model = make_model(make_method(after_layers=[0, 2, 3]))
+    batch = make_batch([(3, 6, 3), (5, 2, 2)], padding="left")
+    with torch.no_grad():
+        dec = decisions_from(model.forward_infer(**inputs(batch)), batch)
+        train = model.forward_train(**inputs(batch), labels=batch["labels"], decisions=[d.float() for d in dec])
+        infer = model.forward_infer(**inputs(batch), decisions=dec)
+    li, ti, _ = model.label_logits(infer.hidden, infer.state, batch["labels"])
+    assert torch.equal(train.targets, ti)
+    torch.testing.assert_close(train.logits, li, atol=1e-5, rtol=1e-5)
+    out = model.forward_train(**inputs(batch), labels=batch["labels"])
+    (out.loss_causal + out.kept.sum()).backward()
+    assert all(p.grad is not None for p in model.method.decision[0].parameters())

@@ -18,7 +18,8 @@ class LVPruning(PruningMethod):
     """Trainable cross-attention decision modules (paper: after layers 1, 8, 16 of LLaVA-1.5-7B).
 
     Args:
-        after_layers: LLM layers (1-based) after which a decision module runs.
+        after_layers: LLM layers (1-based) after which a decision module runs (paper: 1, 8, 16); 0 puts a
+            module on the LLM input (reads the input embeddings; not in the paper, used by the tiny demo).
         keep_ratios: default inference ratios per module (paper: [rho, rho-0.2, rho-0.4]).
         train_ratios: target kept ratios of the ratio loss (paper: [0.5, 0.3, 0.1]).
         num_blocks: cross-attention blocks per module (paper: 2).
@@ -48,8 +49,6 @@ class LVPruning(PruningMethod):
         score: Literal["log_odds", "keep_logit"] = "log_odds",
     ):
         super().__init__(after_layers, keep_ratios)
-        if 0 in self.after_layers:
-            raise ValueError("after_layers for LVPruning must be >= 1 (the modules read an LLM layer's output)")
         self.train_ratios = [float(r) for r in validate_ratios(train_ratios, "train_ratios")]
         if len(self.train_ratios) != self.num_stages:
             raise ValueError(

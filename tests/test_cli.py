@@ -56,7 +56,7 @@ def test_fit_logs_ratios_losses_and_sweep_and_keeps_llava_frozen(model_dir, tmp_
     for tag in (
         "train/loss_causal",
         "train/loss_ratio",
-        "train/kept_ratio/input",
+        "train/kept_ratio/layer1",
         "train/kept_ratio/layer4",
         "val/kept_ratio/layer2",
         "val/acc",

@@ -69,10 +69,10 @@ def test_controller_grows_only_when_window_accuracy_passes():
 
 
 def test_controller_state_round_trip_resumes():
-    cur = TokenDropCurriculum(max_n=36, window=10)
+    cur = TokenDropCurriculum(max_n=36, start_n=4, window=10)
     cur.update(torch.ones(10, dtype=torch.bool))
     cur.update(torch.tensor([True, False, True]))
-    resumed = TokenDropCurriculum(max_n=36, window=10)
+    resumed = TokenDropCurriculum(max_n=36, start_n=4, window=10)
     resumed.load_state_dict(cur.state_dict())
     assert resumed.state_dict() == cur.state_dict() == {"n": 6, "correct": 2, "seen": 3}
     for c in (cur, resumed):

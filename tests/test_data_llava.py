@@ -161,3 +161,35 @@ def test_image_folders_are_searched_in_order(processor, tmp_path):
     write_image(tmp_path / "second" / "b.png")
     ds = LlavaDataset([entry("b", "b.png")], [str(tmp_path / "first"), str(tmp_path / "second")], processor)
     assert ds[0]["id"] == "b"
+
+
+def test_packed_entries_round_trip():
+    from lightning_lvp.data.llava_dataset import PackedEntries
+
+    entries = [entry("a"), entry("b", relevant_patches=[1, 2]), {"id": "ü", "image": "x.png", "conversations": []}]
+    packed = PackedEntries(entries)
+    assert len(packed) == 3 and list(packed) == entries and packed[-1] == entries[-1]
+    with pytest.raises(IndexError):
+        packed[3]
+    assert len(PackedEntries([])) == 0
+
+
+def test_image_field_must_be_one_path():
+    assert entry_problem(entry("m", image=["a.png", "b.png"])) == "bad_image_field"
+
+
+def test_loader_copies_keep_split_and_counter():
+    """Lightning re-creates loaders (e.g. to insert a DistributedSampler): the copy shares the skip counter."""
+    from collections import Counter
+
+    from lightning.pytorch.utilities.data import _update_dataloader
+    from torch.utils.data import DistributedSampler
+
+    counter = Counter()
+    data = list(range(8))
+    loader = SkipCountingLoader(
+        data, batch_size=2, collate_fn=lambda x: {"input_ids": torch.tensor(x)}, skip_counter=counter, split="val"
+    )
+    copy = _update_dataloader(loader, DistributedSampler(data, num_replicas=2, rank=0))
+    assert isinstance(copy, SkipCountingLoader) and copy.split == "val" and copy.skip_counter is counter
+    assert len(copy) == 2

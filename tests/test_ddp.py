@@ -37,7 +37,7 @@ def test_ddp_two_processes_log_global_means(tmp_path):
     events = glob.glob(str(tmp_path / "runs" / "**" / "events.out.tfevents.*"), recursive=True)
     acc = EventAccumulator(events[0])
     acc.Reload()
-    for key in ("kept_ratio/input", "kept_ratio/layer4", "loss_causal", "loss_ratio"):
+    for key in ("kept_ratio/layer1", "kept_ratio/layer4", "loss_causal", "loss_ratio"):
         logged = [e.value for e in acc.Scalars(f"train/{key}")]
         means = [(a[key] + b[key]) / 2 for a, b in zip(*ranks)]
         assert len(logged) == 3

@@ -131,3 +131,13 @@ def test_ensure_builds_once_into_the_cache(tmp_path):
 def test_config_errors_name_the_field(kwargs, flag):
     with pytest.raises(ValueError, match=flag):
         DigitsConfig(**kwargs)
+
+
+def test_demo_tokenizer_knows_every_word(built):
+    from lightning_lvp.data.tokenizer import build_tiny_tokenizer
+
+    _, root, _ = built
+    tok = build_tiny_tokenizer()
+    for e in json.loads((root / "train.json").read_text()):
+        text = " ".join(t["value"] for t in e["conversations"])
+        assert tok.unk_token_id not in tok(text)["input_ids"], text

@@ -23,7 +23,8 @@ def setup(tmp_path_factory):
     method.bind(adapter.text_dims(adapter.load_config(str(model_dir))))
     save_pruners(method, root / "pruners")
     cfg = (REPO / "experiments" / "demo.yaml").read_text()
-    cfg = cfg.replace("    cache_dir: .cache", f"    cache_dir: {root / 'cache'}\n    digits:\n      train_images: 8\n      val_images: 8")
+    cfg = cfg.replace("    cache_dir: .cache", f"    cache_dir: {root / 'cache'}")
+    cfg = cfg.replace("      question_types: [cell]", "      question_types: [cell]\n      train_images: 8\n      val_images: 8")
     (root / "cfg.yaml").write_text(cfg)
     return root, model_dir
 

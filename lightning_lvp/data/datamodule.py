@@ -6,6 +6,7 @@ import logging
 import os
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
 
@@ -105,6 +106,7 @@ class LlavaDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["digits"])
+        self.hparams["digits"] = asdict(digits or DigitsConfig())  # a plain dict keeps hparams.yaml readable
         self.processor_path = processor_path
         self.dataset_kind = dataset
         self.train_json, self.val_json = train_json, val_json

@@ -200,7 +200,9 @@ def _count_questions(labels: np.ndarray, k: int, axis: str, rng: np.random.Gener
         if count in used:
             continue
         used.add(count)
-        question, answer = (t.format(digit=digit, line=line + 1, count=count) for t in (_ROW if axis == "row" else _COL))
+        question, answer = (
+            t.format(digit=digit, line=line + 1, count=count) for t in (_ROW if axis == "row" else _COL)
+        )
         rows, cols = ([line] * g, list(range(g))) if axis == "row" else (list(range(g)), [line] * g)
         out.append(dict(type=f"{axis}_count", question=question, answer=answer, rows=rows, cols=cols))
     return out

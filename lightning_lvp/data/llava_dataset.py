@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
@@ -121,6 +122,7 @@ def entry_problem(entry: object) -> str | None:
     """The reason an entry cannot be trained on, or None when it is fine.
 
     Reasons: ``not_an_object``, ``missing_id``, ``text_only`` (no image: expected filtering),
+    ``bad_image_field`` (not one path string),
     ``no_conversations``, ``bad_turn_order`` (must alternate human/gpt, starting with human and ending
     with gpt), ``no_image_token``, ``multiple_image_tokens``, ``empty_reply``.
     """
@@ -130,6 +132,8 @@ def entry_problem(entry: object) -> str | None:
         return "missing_id"
     if not entry.get("image"):
         return "text_only"
+    if not isinstance(entry["image"], str):
+        return "bad_image_field"
     turns = entry.get("conversations")
     if not isinstance(turns, list) or not turns:
         return "no_conversations"
@@ -222,6 +226,32 @@ def num_image_tokens(processor: ProcessorMixin) -> int:
     return n
 
 
+class PackedEntries:
+    """A read-only list of JSON objects stored as one byte array.
+
+    Python lists of dicts turn copy-on-write into copy-on-read in forked DataLoader workers (every
+    access touches reference counts), so each worker would slowly copy the 620k entries; one numpy
+    buffer is shared for free. ``entries[i]`` decodes entry ``i``.
+
+    Args:
+        entries: the JSON-serialisable entries.
+    """
+
+    def __init__(self, entries: list[dict]) -> None:
+        blobs = [json.dumps(e, separators=(",", ":")).encode() for e in entries]
+        self._offsets = np.cumsum([0] + [len(b) for b in blobs], dtype=np.int64)
+        self._data = np.frombuffer(b"".join(blobs), dtype=np.uint8) if blobs else np.zeros(0, np.uint8)
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __getitem__(self, index: int) -> dict:
+        if not -len(self) <= index < len(self):
+            raise IndexError(index)
+        index %= len(self)
+        return json.loads(self._data[self._offsets[index] : self._offsets[index + 1]].tobytes())
+
+
 class LlavaDataset(Dataset):
     """LLaVA-1.5 samples, decoded lazily (in the DataLoader workers).
 
@@ -250,7 +280,9 @@ class LlavaDataset(Dataset):
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
-        self.entries = entries
+        self.entries = PackedEntries(entries)
+        words = [sum(len(t["value"].split()) for t in e["conversations"]) for e in entries]
+        self._lengths = np.asarray(words, dtype=np.int64) + num_image_tokens(processor)
         self.image_folders = list(image_folders)
         self.tokenizer = processor.tokenizer
         self.image_processor = processor.image_processor
@@ -268,7 +300,7 @@ class LlavaDataset(Dataset):
 
     def approximate_lengths(self) -> list[int]:
         """Per-entry length estimate without tokenizing (words + image tokens), for length grouping."""
-        return [sum(len(t["value"].split()) for t in e["conversations"]) + self.num_image_tokens for e in self.entries]
+        return self._lengths.tolist()
 
     def __getitem__(self, index: int) -> dict | Skipped:
         entry = self.entries[index]
@@ -295,7 +327,10 @@ class LlavaDataset(Dataset):
             raise self._bad(entry, "unreadable_image", f"{type(e).__name__}: {e}", path) from None
         if self.pad_to_square:
             image = expand_to_square(image, self.background)
-        return self.image_processor(image, return_tensors="pt")["pixel_values"][0]
+        try:
+            return self.image_processor(image, return_tensors="pt")["pixel_values"][0]
+        except Exception as e:  # e.g. a 1-pixel image the resize cannot handle: name the entry, not the processor
+            raise self._bad(entry, "unreadable_image", f"image processor failed: {type(e).__name__}: {e}", path) from e
 
     def _load(self, entry: dict) -> dict:
         turns = [{"from": t["from"], "value": move_image_token_to_front(t["value"])} for t in entry["conversations"]]

@@ -17,7 +17,9 @@ from lightning_lvp.data.conversation import IMAGE_TOKEN, VICUNA_V1
 from lightning_lvp.data.digits import digits_vocabulary
 
 SPECIALS = ("<pad>", "<unk>", "<s>", "</s>")
-_GENERIC_WORDS = "a an the this that image picture photo of on with and or yes no Describe Answer briefly word".split()
+_GENERIC_WORDS = (
+    "a an the this that image picture photo of on with and or yes no row column Describe Answer briefly word".split()
+)
 
 
 def _pre_tokenize(text: str) -> list[str]:

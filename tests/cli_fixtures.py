@@ -43,3 +43,12 @@ def small_data_args(cache: Path) -> list[str]:
         "--data.init_args.val_batch_size=8",
         "--data.init_args.num_workers=0",
     ]
+
+
+def tiny_pruned_model(model_dir: Path):
+    """The tiny model folder loaded as a PrunedLlava with random LVPruning modules after layers 1, 2, 4."""
+    from lightning_lvp.methods import LVPruning
+    from lightning_lvp.model import PrunedLlava
+
+    method = LVPruning(after_layers=[1, 2, 4], keep_ratios=[0.5, 0.3, 0.1], train_ratios=[0.5, 0.3, 0.1], num_heads=4)
+    return PrunedLlava(adapter.load_llava(str(model_dir)), method).eval()

@@ -5,24 +5,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from cli_fixtures import tiny_model_folder
+from cli_fixtures import tiny_model_folder, tiny_pruned_model
 from PIL import Image
 from transformers import AutoProcessor
 
-from lightning_lvp import adapter
 from lightning_lvp.eval.benchmarks import PromptItem, generate_answers
 from lightning_lvp.eval.runner import PrunedGenerator
-from lightning_lvp.methods import LVPruning
-from lightning_lvp.model import PrunedLlava
 
 
 @pytest.fixture(scope="module")
 def generator(tmp_path_factory):
     root = tmp_path_factory.mktemp("runner")
     model_dir = tiny_model_folder(root / "model")
-    llava = adapter.load_llava(str(model_dir))
-    method = LVPruning(after_layers=[1, 2, 4], keep_ratios=[0.5, 0.3, 0.1], train_ratios=[0.5, 0.3, 0.1], num_heads=4)
-    model = PrunedLlava(llava, method).eval()
+    model = tiny_pruned_model(model_dir)
     rng = np.random.default_rng(0)
     for i, size in enumerate([(48, 48), (60, 30), (20, 52), (48, 48), (33, 33)]):
         Image.fromarray(rng.integers(0, 255, (*size[::-1], 3), dtype=np.uint8)).save(root / f"img{i}.png")
@@ -32,8 +27,14 @@ def generator(tmp_path_factory):
 
 
 def items():
-    prompts = ["What digit is in r1c1?", "How many 7s are in row 2?", "What digit is in r3c4? Answer with one word.",
-               "How many", "What digit is in r6c6?", "How many 3s are in column 5?"]
+    prompts = [
+        "What digit is in r1c1?",
+        "How many 7s are in row 2?",
+        "What digit is in r3c4? Answer with one word.",
+        "How many",
+        "What digit is in r6c6?",
+        "How many 3s are in column 5?",
+    ]
     images = ["img0.png", "img1.png", "img2.png", "img3.png", "missing.png", "gray.png"]
     return [PromptItem(f"q{i}", img, p) for i, (p, img) in enumerate(zip(prompts, images))]
 

@@ -12,7 +12,15 @@ from data_fixtures import entry, processor, processor_dir, write_image, write_js
 from lightning_lvp.data.datamodule import LengthGroupedSampler, LlavaDataModule
 from lightning_lvp.data.digits import DigitsConfig
 
-SMALL_DIGITS = DigitsConfig(grid_size=2, cell_px=8, patch_size=8, train_images=10, val_images=4, questions_per_type=1)
+SMALL_DIGITS = DigitsConfig(
+    grid_size=2,
+    cell_px=8,
+    patch_size=8,
+    train_images=10,
+    val_images=4,
+    questions_per_type=1,
+    question_types=["cell", "row_count"],
+)
 
 
 @pytest.fixture(scope="module")

@@ -3,12 +3,14 @@
 transformers moves attribute paths and return types between releases (``get_image_features``
 returns an output object since v5, ``cache_position`` is gone in v5). Everything the pruned
 forward needs from the model goes through the functions here, so a new release means editing one
-file; ``tests/test_adapter.py`` pins the behaviour on a tiny model. Tested: transformers 5.23.
+file; ``tests/test_adapter.py`` pins the behaviour on a tiny model against HF's own forward.
+Tested: transformers 5.23 and 5.24 (``TESTED_TRANSFORMERS``, the pin in ``pyproject.toml``).
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,13 +22,27 @@ from transformers import AutoConfig, DynamicCache, LlavaConfig, LlavaForConditio
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, apply_rotary_pos_emb, repeat_kv
 
 from lightning_lvp.attention import masked_softmax_attention
 
-TESTED_TRANSFORMERS = ("5.23", "6")  # [lower, upper) as in pyproject.toml
+TESTED_TRANSFORMERS = ("5.23", "5.25")  # [lower, upper) as in pyproject.toml
 ATTN_IMPLEMENTATION = "lvp_sdpa"
 KEEP_KWARG = "lvp_keep"
+
+
+def _layer_cache_kwarg() -> str:
+    """Keyword of the KV cache in ``LlamaDecoderLayer.forward``.
+
+    transformers 5.24 renamed ``past_key_values`` to ``cache`` (``@deprecate_kwarg``, removal in
+    5.40); 5.23 has only ``past_key_values`` and would silently drop ``cache=`` into ``**kwargs``.
+    ``inspect.signature`` follows the decorator's ``__wrapped__`` to the real parameters.
+    """
+    params = inspect.signature(LlamaDecoderLayer.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+CACHE_KWARG = _layer_cache_kwarg()
 
 
 def _lvp_attention(module: nn.Module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -108,7 +124,11 @@ def build_from_config(config: LlavaConfig, dtype: torch.dtype = torch.float32) -
 
 @dataclass(frozen=True)
 class TextDims:
-    """LLM dimensions the pruning code needs."""
+    """LLM dimensions the pruning code needs (the one place they are read from a config).
+
+    ``num_kv_heads`` is last and optional so that pruner folders saved before it existed
+    (``pruners.json`` stores these fields) still load.
+    """
 
     hidden_size: int
     num_layers: int
@@ -116,15 +136,50 @@ class TextDims:
     head_dim: int
     intermediate_size: int
     vocab_size: int
+    num_kv_heads: int | None = None
 
 
 def text_dims(config: LlavaConfig) -> TextDims:
     """:class:`TextDims` of a ``LlavaConfig``."""
     tc = config.text_config
     head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+    kv_heads = getattr(tc, "num_key_value_heads", None) or tc.num_attention_heads
     return TextDims(
-        tc.hidden_size, tc.num_hidden_layers, tc.num_attention_heads, head_dim, tc.intermediate_size, tc.vocab_size
+        tc.hidden_size,
+        tc.num_hidden_layers,
+        tc.num_attention_heads,
+        head_dim,
+        tc.intermediate_size,
+        tc.vocab_size,
+        kv_heads,
     )
+
+
+@dataclass(frozen=True)
+class VisionDims:
+    """Vision-tower dimensions: how many ``<image>`` tokens one image becomes.
+
+    Attributes:
+        image_size: input side in pixels.
+        patch_size: patch side in pixels.
+        patches_per_side: image_size // patch_size.
+        num_patches: patches_per_side ** 2.
+        tokens_per_image: image tokens in ``input_ids`` per image (CLS dropped for strategy "default").
+    """
+
+    image_size: int
+    patch_size: int
+    patches_per_side: int
+    num_patches: int
+    tokens_per_image: int
+
+
+def vision_dims(config: LlavaConfig) -> VisionDims:
+    """:class:`VisionDims` of a ``LlavaConfig`` (FACTS: one image token per patch, "full" keeps CLS)."""
+    vc = config.vision_config
+    side = vc.image_size // vc.patch_size
+    extra = 1 if config.vision_feature_select_strategy == "full" else 0
+    return VisionDims(vc.image_size, vc.patch_size, side, side * side, side * side + extra)
 
 
 def image_token_id(model: LlavaForConditionalGeneration) -> int:
@@ -164,10 +219,13 @@ class ImageFeatures:
     Attributes:
         embeds: (B, N, D) projected features, one image per sample.
         vision_hidden: (B, 1 + N, Dv) hidden states of the selected CLIP layer, CLS first.
+        vision_input: (B, 1 + N, Dv) hidden states that entered the selected layer (for
+            :func:`vision_cls_attention`), or None.
     """
 
     embeds: torch.Tensor
     vision_hidden: torch.Tensor
+    vision_input: torch.Tensor | None = None
 
 
 def image_features(model: LlavaForConditionalGeneration, pixel_values: torch.Tensor) -> ImageFeatures:
@@ -182,7 +240,54 @@ def image_features(model: LlavaForConditionalGeneration, pixel_values: torch.Ten
     if not isinstance(cfg.vision_feature_layer, int):
         raise NotImplementedError("lists of vision_feature_layer are not supported")
     embeds = torch.stack(list(out.pooler_output))  # (B, N, D): pooler_output is a list per image in v5
-    return ImageFeatures(embeds=embeds, vision_hidden=out.hidden_states[cfg.vision_feature_layer])
+    selected = _vision_layer_number(model)
+    return ImageFeatures(
+        embeds=embeds,
+        vision_hidden=out.hidden_states[cfg.vision_feature_layer],
+        vision_input=out.hidden_states[selected - 1] if selected >= 1 else None,
+    )
+
+
+def _vision_layer_number(model: LlavaForConditionalGeneration) -> int:
+    """1-based number of the CLIP layer whose output LLaVA reads (0 = the embeddings)."""
+    n = model.config.vision_config.num_hidden_layers
+    return int(model.config.vision_feature_layer) % (n + 1)  # hidden_states has n + 1 entries
+
+
+def vision_cls_attention(
+    model: LlavaForConditionalGeneration, layer_input: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CLS query's attention and the keys of the vision tower's selected layer (VisionZip).
+
+    Recomputed from the layer's input (one query row; the tower itself runs SDPA and returns no
+    attention map). Keys are ``k_proj`` of the layer-normed input, averaged over heads (VisionZip's
+    similarity metric).
+
+    Args:
+        layer_input: (B, 1 + N, Dv) :attr:`ImageFeatures.vision_input`.
+
+    Returns:
+        cls_attention (B, Hv, 1 + N) softmax probabilities of the CLS query, keys (B, 1 + N, Dh).
+    """
+    number = _vision_layer_number(model)
+    if number < 1 or layer_input is None:
+        raise ValueError(
+            f"vision_feature_layer {model.config.vision_feature_layer} reads the patch embeddings: "
+            "that layer has no attention to rank tokens with"
+        )
+    layer = model.model.vision_tower.vision_model.encoder.layers[number - 1]
+    attn = layer.self_attn
+    b, t, _ = layer_input.shape
+    normed = layer.layer_norm1(layer_input)
+    keys = attn.k_proj(normed).view(b, t, attn.num_heads, attn.head_dim).transpose(1, 2)  # (B, Hv, T, Dh)
+    query = attn.q_proj(normed[:, :1]).view(b, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
+    probs = ((query @ keys.transpose(-1, -2)) * attn.scale).squeeze(2).softmax(-1)  # (B, Hv, T)
+    return probs, keys.mean(1)
+
+
+def project_vision(model: LlavaForConditionalGeneration, vision_states: torch.Tensor) -> torch.Tensor:
+    """The multimodal projector on (B, M, Dv) vision-tower states -> (B, M, D) LLM embeddings."""
+    return model.model.multi_modal_projector(vision_states)
 
 
 def merge_image_features(
@@ -250,11 +355,11 @@ def run_layer(
         keep: (B, L) eq. 7 decisions for the masked training path, or None.
     """
     kwargs = {KEEP_KWARG: keep} if keep is not None else {}
+    kwargs[CACHE_KWARG] = cache
     return decoder_layers(model)[index](
         hidden,
         attention_mask=mask,
         position_ids=position_ids,
-        past_key_values=cache,
         use_cache=cache is not None,
         position_embeddings=position_embeddings,
         **kwargs,
@@ -323,6 +428,30 @@ def attention_probs(
     allowed = mask[rows, 0, query_index]  # (B, L)
     scores = scores.masked_fill(~allowed[:, None, :], float("-inf"))
     return scores.softmax(-1)
+
+
+def layer_keys(
+    model: LlavaForConditionalGeneration,
+    index: int,
+    layer_input: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+) -> torch.Tensor:
+    """Rotary keys of layer ``index`` recomputed from its input, one per query head (DART).
+
+    Args:
+        layer_input: (B, L, D) hidden states that entered the layer.
+        position_embeddings: (cos, sin), each (B, L, Dh).
+
+    Returns:
+        (B, L, H * Dh): the heads' keys side by side (grouped-query keys repeated per head).
+    """
+    layer = decoder_layers(model)[index]
+    attn = layer.self_attn
+    b, length, _ = layer_input.shape
+    k = attn.k_proj(layer.input_layernorm(layer_input)).view(b, length, -1, attn.head_dim).transpose(1, 2)
+    cos, sin = position_embeddings
+    _, k = apply_rotary_pos_emb(k, k, cos, sin)
+    return repeat_kv(k, attn.num_key_value_groups).transpose(1, 2).reshape(b, length, -1)
 
 
 def vision_patch_size(model: LlavaForConditionalGeneration) -> int:

@@ -8,7 +8,8 @@ Two forwards share one decoder loop over the adapter:
   stage) from the hidden states, the mask, the rotary positions and hence the KV cache of all
   later layers; kept tokens keep their original positions (METHOD §4).
 
-:meth:`PrunedLlava.generate` decodes with the pruned per-layer KV cache.
+:meth:`PrunedLlava.generate` decodes with the pruned per-layer KV cache through transformers' own
+``generate()`` (:mod:`lightning_lvp.generation`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from torch import nn
 
 from lightning_lvp import adapter
 from lightning_lvp.methods.base import PruningMethod, StageContext
-from lightning_lvp.sampling import sample_next
 from lightning_lvp.state import SeqState, causal_mask, positions_from_mask
 
 
@@ -236,6 +236,7 @@ class PrunedLlava(nn.Module):
         ratios: Sequence[float | None] | None = None,
         decisions: Sequence[torch.Tensor] | None = None,
         use_cache: bool = False,
+        cache: object | None = None,
     ) -> InferOutput:
         """Token-removing forward (METHOD §4).
 
@@ -245,11 +246,13 @@ class PrunedLlava(nn.Module):
             decisions: optional fixed keep masks per stage, (B, T) bool in input coordinates,
                 instead of the method's choice (counts may differ per sample).
             use_cache: build the per-layer KV cache for :meth:`generate`.
+            cache: an empty cache to fill (``generation.PrunedCache``) instead of a new one.
         """
         state, vision_hidden = self.initial_state(input_ids, pixel_values, attention_mask, prompt_mask)
         state = state.select(state.valid)  # padding out; rows left-packed
         ratios = self.method.resolve_ratios(ratios) if self.method else []
-        cache = adapter.new_cache(self.llava) if use_cache else None
+        if cache is None and use_cache:
+            cache = adapter.new_cache(self.llava)
         stage_valid, layer_stage, kept_patches = [state.valid], [], []
         n_patches = int(state.n_vision.max())
 
@@ -288,17 +291,16 @@ class PrunedLlava(nn.Module):
         return InferOutput(state.hidden, state, kept_patches, cache, stage_valid, layer_stage)
 
     # -------------------------------------------------------------------------------- generation
-    def _decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, out: InferOutput) -> torch.Tensor:
-        """One cached decode step for tokens (B,) at positions (B,); returns next-token logits (B, V)."""
-        hidden = adapter.embed_tokens(self.llava, tokens[:, None])
-        pos = positions[:, None]
-        ones = torch.ones_like(tokens, dtype=torch.bool)[:, None]
-        out.stage_valid = [torch.cat([v, ones], 1) for v in out.stage_valid]
-        masks = [causal_mask(v, 1) for v in out.stage_valid]
-        pos_emb = adapter.rotary(self.llava, hidden, pos)
-        for i in range(self.dims.num_layers):
-            hidden = adapter.run_layer(self.llava, i, hidden, masks[out.layer_stage[i]], pos, pos_emb, out.cache)
-        return self.logits(hidden)[:, -1]
+    def for_generation(self, ratios: Sequence[float | None] | None = None):
+        """This model as a transformers ``GenerationMixin`` model (:mod:`lightning_lvp.generation`).
+
+        ``self.for_generation(ratios).generate(input_ids=..., pixel_values=..., attention_mask=...,
+        num_beams=4, repetition_penalty=1.2, stop_strings=[...], tokenizer=tok, streamer=...)``:
+        every option of transformers' ``generate`` over the pruned KV cache.
+        """
+        from lightning_lvp.generation import PrunedForGeneration
+
+        return PrunedForGeneration(self, ratios)
 
     @torch.no_grad()
     def generate(
@@ -316,31 +318,44 @@ class PrunedLlava(nn.Module):
         eos_token_id: int | None = None,
         pad_token_id: int | None = None,
         generator: torch.Generator | None = None,
+        **generate_kwargs,
     ) -> torch.Tensor:
-        """Greedy or sampled decoding with the pruned KV cache (every step sees each layer's pruned cache).
+        """Greedy or sampled decoding with the pruned KV cache, through transformers' ``generate()``.
+
+        Args:
+            input_ids, attention_mask, prompt_mask: (B, T), LEFT padded; see docs/DESIGN.md.
+            pixel_values: (B, C, H, W).
+            ratios: inference schedule (None = the method's keep_ratios).
+            max_new_tokens, do_sample, temperature, top_k (0 = off), top_p: decoding options.
+            eos_token_id: stop token (None = the model's; a negative id never stops).
+            pad_token_id: filler after a sample's eos (None = the model's).
+            generator: RNG of the sampling draws (None = the global RNG).
+            **generate_kwargs: any further option of transformers' ``generate`` (num_beams,
+                repetition_penalty, stopping_criteria, streamer, ...).
 
         Returns:
-            (B, n) new token ids, ``pad_token_id`` after a sample's ``eos_token_id``.
+            (B * num_return_sequences, n) new token ids, ``pad_token_id`` after a sample's eos.
         """
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+        from lightning_lvp.generation import _GeneratorAsGlobalRng, generation_config_for
+
+        wrapper = self.for_generation(ratios)
         eos = adapter.eos_token_id(self.llava) if eos_token_id is None else eos_token_id
         pad = adapter.pad_token_id(self.llava) if pad_token_id is None else pad_token_id
-        out = self.forward_infer(input_ids, pixel_values, attention_mask, prompt_mask, ratios, use_cache=True)
-        logits = self.logits(out.hidden[:, -1:])[:, -1]
-        positions = attention_mask.long().sum(1)  # next original position (positions are cumsum - 1)
-        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        new_tokens = []
-        for step in range(max_new_tokens):
-            tok = sample_next(logits, do_sample, temperature, top_k, top_p, generator)
-            tok = torch.where(finished, torch.full_like(tok, pad), tok)
-            new_tokens.append(tok)
-            if eos is not None:
-                finished |= tok == eos
-            if bool(finished.all()) or step == max_new_tokens - 1:
-                break
-            logits = self._decode_step(tok, positions, out)
-            positions = positions + 1
-        if not new_tokens:
+        cfg = generation_config_for(
+            wrapper.generation_config, max_new_tokens, do_sample, temperature, top_k, top_p, eos, pad
+        )
+        wrapper.generation_config = cfg  # also the defaults generate() fills unset fields from (eos may be off)
+        if max_new_tokens <= 0:
             return input_ids.new_zeros(input_ids.shape[0], 0)
-        return torch.stack(new_tokens, 1)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        with _GeneratorAsGlobalRng(generator if do_sample else None):
+            out = wrapper.generate(
+                input_ids=input_ids,
+                pixel_values=pixel_values,
+                attention_mask=attention_mask,
+                prompt_mask=prompt_mask,
+                generation_config=cfg,
+                **generate_kwargs,
+            )
+        return out[:, input_ids.shape[1] :]

@@ -41,15 +41,14 @@ from lightning_lvp.attention import masked_attention_reference, masked_softmax_a
 from lightning_lvp.decision import ratio_loss
 from lightning_lvp.methods import LVPruning
 from lightning_lvp.model import PrunedLlava
+from lightning_lvp.schedules import PAPER_RHOS, paper_schedule
 from lightning_lvp.state import causal_mask
 from lightning_lvp.tiny import TinyLlavaSpec, tiny_llava_config
 
-PAPER_RHOS = (0.6, 0.5, 0.45)
-
 
 def schedule_of(rho: float, stages: int = 3) -> list[float]:
-    """[rho, rho - 0.2, rho - 0.4] (METHOD §2)."""
-    return [round(rho - 0.2 * s, 6) for s in range(stages)]
+    """The paper's [rho, rho - 0.2, rho - 0.4] (:func:`lightning_lvp.schedules.paper_schedule`)."""
+    return paper_schedule(rho, stages)
 
 
 def bench_spec(layers: int, hidden: int) -> TinyLlavaSpec:
@@ -152,7 +151,7 @@ def kv_expected(config, n_vision: int, n_text: int, after_layers, ratios, dtype_
     dims = adapter.text_dims(config)
     ratios = ratios or [1.0] * len(after_layers)
     tokens = F.tokens_per_layer(n_vision, n_text, after_layers, ratios, dims.num_layers)
-    return batch * sum(tokens) * 2 * config.text_config.num_key_value_heads * dims.head_dim * dtype_bytes
+    return batch * sum(tokens) * 2 * dims.num_kv_heads * dims.head_dim * dtype_bytes
 
 
 def train_step_fns(llava, method: LVPruning, batch, tau: float = 1.0):
@@ -332,7 +331,7 @@ def run(args) -> dict:
     decode = {k: args.new_tokens / (med(gen[args.new_tokens + 1][k]) - med(gen[1][k])) for k in schedules}
     print(f"[decode] {json.dumps({k: round(v, 1) for k, v in decode.items()})} tokens/s", flush=True)
 
-    kv = {k: (kv_bytes(models[k], batch, s), kv_expected(config, 576, 30, after, s, 4)) for k, s in schedules.items()}
+    kv = {k: (kv_bytes(models[k], batch, s), kv_expected(config, adapter.vision_dims(config).tokens_per_image, 30, after, s, 4)) for k, s in schedules.items()}
 
     train_batch = bench_batch(config, 30, answer_tokens=10)
     masked, plain = train_step_fns(llava, method, train_batch)

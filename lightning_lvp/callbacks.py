@@ -16,6 +16,7 @@ import torch  # noqa: E402
 from torchmetrics import MeanMetric  # noqa: E402
 
 from lightning_lvp.evaluate import model_inputs, score_batch  # noqa: E402
+from lightning_lvp.schedules import PAPER_RHOS, paper_schedule, paper_schedules  # noqa: E402, F401
 
 log = logging.getLogger(__name__)
 
@@ -23,11 +24,6 @@ log = logging.getLogger(__name__)
 def schedule_name(ratios: list[float] | None) -> str:
     """``base`` for the unpruned model, else ``rho<first ratio>`` (``rho0.5`` for [0.5, 0.3, 0.1])."""
     return "base" if ratios is None else f"rho{ratios[0]:g}"
-
-
-def paper_schedule(rho: float, stages: int = 3, step: float = 0.2) -> list[float]:
-    """[rho, rho - 0.2, rho - 0.4, ...] (METHOD §2), rounded to avoid float noise."""
-    return [round(rho - step * s, 6) for s in range(stages)]
 
 
 @torch.no_grad()
@@ -56,7 +52,8 @@ class RatioSweep(L.Callback):
     TensorBoard, writes ``sweep.json`` into the log folder and prints the table when fit ends.
 
     Args:
-        rhos: first-stage ratios; each becomes [rho, rho-0.2, rho-0.4] (clipped to the stage count).
+        rhos: first-stage ratios; each becomes the paper's [rho, rho-0.2, rho-0.4] cut to the stage count
+            (:func:`lightning_lvp.schedules.paper_schedule`, floored at 0.05).
         schedules: explicit per-stage schedules (used instead of ``rhos`` when given).
         include_base: also evaluate the unpruned model.
         every_n_epochs: run on every n-th validation epoch (always on the last).
@@ -64,7 +61,7 @@ class RatioSweep(L.Callback):
 
     def __init__(
         self,
-        rhos: list[float] = (0.6, 0.5, 0.45),
+        rhos: list[float] = PAPER_RHOS,
         schedules: list[list[float]] | None = None,
         include_base: bool = True,
         every_n_epochs: int = 1,
@@ -76,7 +73,7 @@ class RatioSweep(L.Callback):
 
     def _schedules(self, pl_module) -> list[list[float] | None]:
         stages = pl_module.method.num_stages if pl_module.method is not None else 0
-        scheds = [list(s) for s in self.explicit] if self.explicit else [paper_schedule(r, stages) for r in self.rhos]
+        scheds = [list(s) for s in self.explicit] if self.explicit else paper_schedules(self.rhos, stages)
         if not stages:
             scheds = []
         return ([None] if self.include_base else []) + scheds
@@ -204,6 +201,7 @@ def draw_pruning(batch: dict[str, Any], kept: list[torch.Tensor], after_layers: 
     """
     pix = batch["pixel_values"].float()
     b, grid = pix.shape[0], int(round(kept[0].shape[1] ** 0.5))
+    relevant = batch.get("relevant_mask")
     fig, axes = plt.subplots(b, len(kept) + 1, figsize=(2.2 * (len(kept) + 1), 2.3 * b), squeeze=False)
     for i in range(b):
         img = pix[i].permute(1, 2, 0)
@@ -215,9 +213,20 @@ def draw_pruning(batch: dict[str, Any], kept: list[torch.Tensor], after_layers: 
             mask = torch.nn.functional.interpolate(mask[None, None], size=img.shape[:2], mode="nearest")[0, 0]
             shown = img * (0.25 + 0.75 * mask.numpy()[..., None])
             axes[i, s + 1].imshow(shown.squeeze())
+            if relevant is not None:  # outline the patches that decide the answer
+                _outline(axes[i, s + 1], relevant[i][batch["vision_mask"][i].bool()], grid, img.shape[0] / grid)
             where = f"after layer {after_layers[s]}" if after_layers[s] else "LLM input"
             axes[i, s + 1].set_title(f"{where}: {int(k[i].sum())} kept", fontsize=7)
     for ax in axes.flat:
         ax.axis("off")
     fig.tight_layout()
     return fig
+
+
+def _outline(ax, relevant: torch.Tensor, grid: int, cell: float) -> None:
+    """Draws a red square around each relevant patch (relevant: (N,) bool, row-major)."""
+    from matplotlib.patches import Rectangle
+
+    for p in relevant.nonzero()[:, 0].tolist():
+        r, c = divmod(p, grid)
+        ax.add_patch(Rectangle((c * cell - 0.5, r * cell - 0.5), cell, cell, fill=False, edgecolor="red", lw=1.2))

@@ -39,6 +39,7 @@ from lightning_lvp import adapter
 from lightning_lvp.evaluate import evaluate_schedule, model_inputs
 from lightning_lvp.methods import ClsKneePruning, FastV, PruningMethod, RandomPruning, UniformPruning
 from lightning_lvp.model import PrunedLlava
+from lightning_lvp.schedules import PAPER_RHOS, paper_schedule, parse_rhos
 
 log = logging.getLogger(__name__)
 RESULT_FILES = ("comparison.csv", "comparison.json", "comparison.md", "comparison.png")
@@ -59,12 +60,9 @@ class Entry:
     ratios: list[float | None] | None
 
 
-def lvp_schedule(rho: float, stages: int, step: float = 0.2) -> list[float]:
-    """[rho, rho - 0.2, rho - 0.4, ...] for ``stages`` stages (METHOD §2); an error if one is <= 0."""
-    schedule = [round(rho - step * s, 6) for s in range(stages)]
-    if schedule[-1] <= 0:
-        raise ValueError(f"rho {rho} gives a non-positive ratio for {stages} stages: {schedule}")
-    return schedule
+def lvp_schedule(rho: float, stages: int) -> list[float]:
+    """The paper's schedule for ``rho`` (:func:`lightning_lvp.schedules.paper_schedule`)."""
+    return paper_schedule(rho, stages)
 
 
 def layer_fractions(after_layers: Sequence[int], kept: Sequence[float], num_layers: int) -> list[float]:
@@ -100,7 +98,7 @@ def build_entries(
     lvp: PruningMethod,
     num_layers: int,
     n_vision: int,
-    rhos: Sequence[float] = (0.6, 0.5, 0.45),
+    rhos: Sequence[float] = PAPER_RHOS,
     match_rho: float = 0.5,
     fastv_k: int = 2,
     knee_args: dict[str, Any] | None = None,
@@ -181,7 +179,7 @@ def run_comparison(
     llava,
     lvp: PruningMethod,
     loader: Iterable[dict[str, Any]],
-    rhos: Sequence[float] = (0.6, 0.5, 0.45),
+    rhos: Sequence[float] = PAPER_RHOS,
     match_rho: float = 0.5,
     fastv_k: int = 2,
     knee_args: dict[str, Any] | None = None,
@@ -200,7 +198,7 @@ def run_comparison(
     samples = single_samples(loader, max(flops_samples, 1))
     if not samples:
         raise ValueError("the validation loader yielded no samples")
-    n_vision = int((samples[0]["input_ids"] == adapter.image_token_id(llava)).sum())
+    n_vision = adapter.vision_dims(llava.config).tokens_per_image
     samples = samples[:flops_samples]
     num_layers = adapter.text_dims(llava.config).num_layers
     entries = build_entries(lvp, num_layers, n_vision, rhos, match_rho, fastv_k, knee_args, seed)
@@ -319,7 +317,7 @@ def _parser() -> argparse.ArgumentParser:
         "pruning on a validation set: CSV + JSON + Markdown table and an accuracy-vs-TFLOPs plot.",
     )
     p.add_argument("--model", required=True, help="base model folder (save_pretrained + processor)")
-    p.add_argument("--pruners", required=True, help="LVPruning pruner folder (pruners.json + pruners.safetensors)")
+    p.add_argument("--pruners", required=True, help="LVPruning pruner folder (pruners.json) or a training checkpoint")
     p.add_argument("--out", required=True, help="output folder for comparison.{csv,json,md,png}")
     p.add_argument("--overwrite", action="store_true", help="replace result files of a previous run in --out")
     p.add_argument("--data", help="experiments YAML whose data section builds the LlavaDataModule (else digits)")
@@ -328,7 +326,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
     p.add_argument("--max-batches", type=int, help="evaluate at most this many validation batches per row")
     p.add_argument("--flops-samples", type=int, default=4, help="samples the TFLOPs are averaged over (0: skip)")
-    p.add_argument("--rhos", type=float, nargs="+", default=[0.6, 0.5, 0.45], help="LVPruning first-stage ratios")
+    p.add_argument(
+        "--rhos",
+        nargs="+",
+        default=["0.6,0.5,0.45"],
+        help="LVPruning first-stage ratios, each run as the paper's schedule (lightning_lvp/schedules.py): "
+        "0.6 0.5 0.45, 0.6,0.5,0.45 or a range 0.3:0.8:0.05",
+    )
     p.add_argument("--match-rho", type=float, default=0.5, help="LVPruning rho the baselines' kept counts match")
     p.add_argument("--fastv-k", type=int, default=2, help="FastV: LLM layer whose attention ranks the tokens")
     p.add_argument("--knee-layer", type=int, default=2, help="CLS-knee: LLM layer of stage 2 (0 = stage 1 only)")
@@ -394,10 +398,8 @@ def compare_command(argv: list[str]) -> int:
         return 2
     if found:
         log.warning("compare: overwriting %s", ", ".join(map(str, found)))
-    from lightning_lvp.io import load_pruners
-
-    llava = adapter.load_llava(args.model, device=args.device)
-    lvp = load_pruners(args.pruners, adapter.text_dims(llava.config), device=args.device)
+    pruned = PrunedLlava.from_pretrained(args.model, args.pruners, device=args.device)
+    llava, lvp = pruned.llava, pruned.method
     loader = build_val_loader(args)
     knee_layer = args.knee_layer or None
     knee = dict(
@@ -407,7 +409,7 @@ def compare_command(argv: list[str]) -> int:
         llava,
         lvp,
         loader,
-        args.rhos,
+        parse_rhos(",".join(args.rhos)),
         args.match_rho,
         args.fastv_k,
         knee,

@@ -37,6 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_backwa
 from lightning_lvp import adapter
 from lightning_lvp.io import instantiate
 from lightning_lvp.model import PrunedLlava
+from lightning_lvp.schedules import PAPER_RHOS, paper_schedules, parse_schedules
 
 if TYPE_CHECKING:
     from transformers import LlavaConfig
@@ -239,7 +240,7 @@ def dummy_batch(config: LlavaConfig, text_tokens: int = 30, batch_size: int = 1)
     if text_tokens < 1:
         raise ValueError(f"text_tokens must be >= 1 (the decision modules need a text key), got {text_tokens}")
     vc = config.vision_config
-    n_vision = (vc.image_size // vc.patch_size) ** 2 + (config.vision_feature_select_strategy == "full")
+    n_vision = adapter.vision_dims(config).tokens_per_image
     text_id = 1 if config.image_token_id != 1 else 2
     row = [text_id] + [config.image_token_id] * n_vision + [text_id] * (text_tokens - 1)
     ids = torch.tensor([row] * batch_size)
@@ -447,17 +448,19 @@ def load_experiment(path: str) -> dict[str, Any]:
         if sweep and sweep.get("schedules"):
             schedules = sweep["schedules"]
         elif sweep is not None:
-            schedules = [[round(r - 0.2 * s, 6) for s in range(stages)] for r in sweep.get("rhos", (0.6, 0.5, 0.45))]
+            schedules = paper_schedules(sweep.get("rhos", PAPER_RHOS), stages)
         else:
             schedules = [instantiate(method).keep_ratios]
     return {"model": args.get("model_config") or args.get("model_path"), "method": method, "schedules": schedules}
 
 
-def _parse_schedule(text: str) -> list[float]:
+def parse_schedule_args(texts: Sequence[str], method: dict[str, Any] | None) -> list[list[float | None]]:
+    """``--schedules`` arguments in the common syntax (:mod:`lightning_lvp.schedules`), ``paper:`` included."""
+    stages = instantiate(method).num_stages if method is not None else None
     try:
-        return [float(x) for x in text.replace("[", "").replace("]", "").split(",") if x.strip()]
+        return [sched for text in texts for sched in parse_schedules(text, stages, allow_base=False)]
     except ValueError as err:
-        raise argparse.ArgumentTypeError(f"--schedules entries look like 0.5,0.3,0.1, got {text!r}") from err
+        raise SystemExit(f"flops: --schedules: {err}") from err
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -468,7 +471,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-c", "--config", help="experiments YAML (model_path / model_config, method, sweep_schedules)")
     p.add_argument("--model-config", help="LLaVA config: hub id, config.json or model folder (overrides the YAML)")
-    p.add_argument("--schedules", nargs="+", type=_parse_schedule, help="schedules such as 0.5,0.3,0.1 (override)")
+    p.add_argument("--schedules", nargs="+", help="schedules such as 0.5,0.3,0.1 or paper:0.5 (override; ';' or spaces between several)")
     p.add_argument("--text-tokens", type=int, default=30, help="text tokens beside the image (paper: 30)")
     p.add_argument("--convention", choices=PRUNER_CONVENTIONS, default="alive", help="pruner FLOPs convention")
     p.add_argument("--lm-head", choices=LM_HEAD_MODES, default="last", help="positions the LM head is counted on")
@@ -498,7 +501,7 @@ def flops_command(argv: list[str]) -> int:
     spec = load_experiment(args.config) if args.config else {"model": None, "method": None, "schedules": None}
     model = args.model_config or spec["model"] or "llava-hf/llava-1.5-7b-hf"
     method = spec["method"]
-    schedules = args.schedules or spec["schedules"]
+    schedules = parse_schedule_args(args.schedules, method) if args.schedules else spec["schedules"]
     if schedules and method is None:
         raise SystemExit("flops: schedules given but the config names no model.method to prune with")
     config = resolve_model_config(model)

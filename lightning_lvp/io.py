@@ -94,3 +94,21 @@ def load_pruners(folder: str | Path, dims: TextDims, device: str | torch.device 
     if (folder / WEIGHTS).exists():
         method.load_state_dict(load_file(str(folder / WEIGHTS), device=str(device)))
     return method.to(device)
+
+
+def load_method(path: str | Path, dims: TextDims, device: str | torch.device = "cpu") -> PruningMethod:
+    """Pruners from an exported folder (``pruners.json``) or from any training checkpoint.
+
+    A Lightning ``.ckpt`` file or a DeepSpeed folder is first exported to a temporary folder
+    (:func:`lightning_lvp.export.export_pruners`), then loaded like an exported one.
+    """
+    import tempfile
+
+    path = Path(path)
+    if path.is_dir() and (path / META).exists():
+        return load_pruners(path, dims, device)
+    from lightning_lvp.export import export_pruners
+
+    with tempfile.TemporaryDirectory() as tmp:
+        export_pruners(path, tmp)
+        return load_pruners(tmp, dims, device)

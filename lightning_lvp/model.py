@@ -96,6 +96,32 @@ class PrunedLlava(nn.Module):
         self.gradient_checkpointing = gradient_checkpointing
         self._checkpoint = adapter.set_gradient_checkpointing_fn()
 
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_path: str,
+        pruners: str | None = None,
+        dtype: torch.dtype | str = torch.float32,
+        device: str | torch.device | None = None,
+    ) -> PrunedLlava:
+        """The one loader of every command and plugin: a llava-hf model plus optional pruners, in eval mode.
+
+        Args:
+            model_path: llava-hf folder (``save_pretrained``) or hub id.
+            pruners: exported pruner folder or a training checkpoint (``.ckpt`` / DeepSpeed folder);
+                None = the unpruned model.
+            dtype: parameter dtype of the base model (``torch.bfloat16`` or ``"bfloat16"``).
+            device: device of the base model and the pruners (None = CPU).
+        """
+        from lightning_lvp.io import load_method
+
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        llava = adapter.load_llava(model_path, dtype=dtype, device=device)
+        method = None
+        if pruners:
+            method = load_method(pruners, adapter.text_dims(llava.config), device=device or "cpu")
+        return cls(llava, method).eval()
+
     def train(self, mode: bool = True) -> PrunedLlava:
         super().train(mode)
         if self.frozen:
@@ -121,6 +147,11 @@ class PrunedLlava(nn.Module):
         ``position_ids`` defaults to ``cumsum(attention_mask) - 1``; pass the original positions when
         the mask hides tokens inside the sequence (token-drop curriculum).
         """
+        state, feats = self._initial_state(input_ids, pixel_values, attention_mask, prompt_mask, position_ids)
+        return state, feats.vision_hidden
+
+    def _initial_state(self, input_ids, pixel_values, attention_mask, prompt_mask, position_ids):
+        """:meth:`initial_state` with all the :class:`~lightning_lvp.adapter.ImageFeatures`."""
         embeds, vision, feats = adapter.merge_image_features(self.llava, input_ids, pixel_values)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -143,7 +174,7 @@ class PrunedLlava(nn.Module):
             patch_index=torch.where(vision, vision.long().cumsum(1) - 1, -1),
             n_vision=vision.sum(1),
         )
-        return state, feats.vision_hidden
+        return state, feats
 
     def _layer(self, i: int, hidden, mask, position_ids, pos_emb, cache=None, keep=None) -> torch.Tensor:
         if self.gradient_checkpointing and torch.is_grad_enabled() and cache is None:
@@ -248,7 +279,8 @@ class PrunedLlava(nn.Module):
             use_cache: build the per-layer KV cache for :meth:`generate`.
             cache: an empty cache to fill (``generation.PrunedCache``) instead of a new one.
         """
-        state, vision_hidden = self.initial_state(input_ids, pixel_values, attention_mask, prompt_mask)
+        state, feats = self._initial_state(input_ids, pixel_values, attention_mask, prompt_mask, None)
+        vision_hidden = feats.vision_hidden
         state = state.select(state.valid)  # padding out; rows left-packed
         ratios = self.method.resolve_ratios(ratios) if self.method else []
         if cache is None and use_cache:
@@ -261,18 +293,29 @@ class PrunedLlava(nn.Module):
 
         mask, pos_emb = layout(state)
 
-        def prune(st: SeqState, s: int, i: int | None, layer_input, mask, pos_emb) -> SeqState:
-            row = None
+        def context(st: SeqState, s: int, i: int | None, layer_input, mask, pos_emb) -> StageContext:
+            """What a method may read at stage s (each tensor recomputed lazily, only if asked for)."""
+            ctx = StageContext(s, i, vision_hidden, final_norm=lambda h: adapter.final_norm(self.llava, h))
+            ctx.vision_attention = lambda: adapter.vision_cls_attention(self.llava, feats.vision_input)
+            ctx.project = lambda v: adapter.project_vision(self.llava, v)
             if i is not None:
-                row = lambda q: adapter.attention_probs(self.llava, i, layer_input, pos_emb, q, mask)  # noqa: E731
+                ctx.attention_row = lambda q: adapter.attention_probs(self.llava, i, layer_input, pos_emb, q, mask)
+                ctx.layer_keys = lambda: adapter.layer_keys(self.llava, i, layer_input, pos_emb)
+                if i + 1 < self.dims.num_layers:
+                    ctx.next_attention_row = lambda q: adapter.attention_probs(
+                        self.llava, i + 1, st.hidden, pos_emb, q, mask
+                    )
+            return ctx
+
+        def prune(st: SeqState, s: int, i: int | None, layer_input, mask, pos_emb) -> SeqState:
             if decisions is not None:
                 chosen = decisions[s].bool().gather(1, st.orig_index)
-                keep = (st.valid & ~st.vision) | (chosen & st.alive_vision)
+                st = st.select((st.valid & ~st.vision) | (chosen & st.alive_vision))
             else:
-                keep = self.method.select(st, StageContext(s, i, vision_hidden, row), ratios[s])
-            st = st.select(keep)
-            alive = torch.zeros(st.valid.shape[0], n_patches + 1, dtype=torch.bool, device=keep.device)
-            alive.scatter_(1, torch.where(st.alive_vision, st.patch_index, n_patches), True)
+                st = self.method.apply(st, context(st, s, i, layer_input, mask, pos_emb), ratios[s])
+            alive = torch.zeros(st.valid.shape[0], n_patches + 1, dtype=torch.bool, device=st.valid.device)
+            patch = torch.where(st.alive_vision & (st.patch_index >= 0), st.patch_index, n_patches)  # -1: CLS slot
+            alive.scatter_(1, patch, True)
             kept_patches.append(alive[:, :n_patches])
             stage_valid.append(st.valid)
             return st

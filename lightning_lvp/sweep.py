@@ -15,7 +15,6 @@ import argparse
 import csv
 import json
 import logging
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,38 +26,29 @@ import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from lightning_lvp import adapter  # noqa: E402
-from lightning_lvp.callbacks import count_schedule_flops, paper_schedule  # noqa: E402
+from lightning_lvp.callbacks import count_schedule_flops  # noqa: E402
 from lightning_lvp.evaluate import evaluate_schedule  # noqa: E402
-from lightning_lvp.io import instantiate, load_pruners  # noqa: E402
+from lightning_lvp.io import instantiate, load_method  # noqa: E402, F401  (load_method: old import path)
 from lightning_lvp.model import PrunedLlava  # noqa: E402
+from lightning_lvp.schedules import MIN_RATIO, PAPER_STEP, paper_schedules, parse_rhos, parse_schedules  # noqa: E402
 
 log = logging.getLogger(__name__)
 RESULTS = "results.json"
 
 
 def parse_range(text: str) -> list[float]:
-    """``"0.3:0.8:0.05"`` -> [0.3, 0.35, ..., 0.8] (inclusive); ``"0.6,0.5"`` -> [0.6, 0.5]."""
-    if ":" in text:
-        parts = [float(x) for x in text.split(":")]
-        if len(parts) != 3 or parts[2] <= 0 or parts[1] < parts[0]:
-            raise ValueError(f"--rhos range must be START:STOP:STEP with STOP >= START, STEP > 0, got {text!r}")
-        start, stop, step = parts
-        n = int(round((stop - start) / step)) + 1
-        return [round(start + i * step, 6) for i in range(n)]
-    return [float(x) for x in text.split(",") if x.strip()]
+    """``"0.3:0.8:0.05"`` -> [0.3, 0.35, ..., 0.8] (inclusive); ``"0.6,0.5"`` -> [0.6, 0.5] (:func:`parse_rhos`)."""
+    return parse_rhos(text)
 
 
 def build_schedules(
-    rhos: list[float], explicit: list[str], stages: int, step: float = 0.2, min_ratio: float = 0.05
+    rhos: list[float], explicit: list[str], stages: int, step: float = PAPER_STEP, min_ratio: float = MIN_RATIO
 ) -> list[list[float]]:
-    """[rho, rho - step, ...] clipped to [min_ratio, 1] per rho, plus explicit "a,b,c" schedules."""
-    schedules = [[min(1.0, max(min_ratio, r)) for r in paper_schedule(rho, stages, step)] for rho in rhos]
+    """The paper's schedule of each rho (floored at ``min_ratio``), then each explicit ``SPEC``
+    (``"0.5,0.3,0.1"``, ``"paper:0.5"``, ``"a,b,c;d,e,f"``; see :mod:`lightning_lvp.schedules`)."""
+    schedules = paper_schedules(rhos, stages, step, min_ratio)
     for text in explicit:
-        sched = [float(x) for x in text.split(",")]
-        if len(sched) != stages:
-            raise ValueError(f"--schedule {text!r} has {len(sched)} ratios, the pruners have {stages} stages")
-        schedules.append(sched)
+        schedules += parse_schedules(text, stages, step, min_ratio, allow_base=False)
     return schedules
 
 
@@ -73,18 +63,6 @@ def load_experiment(config_path: str) -> dict[str, Any]:
 
 def _init_args(section: dict[str, Any]) -> dict[str, Any]:
     return dict(section.get("init_args", section))
-
-
-def load_method(pruners: str, dims: adapter.TextDims):
-    """Pruners from an exported folder or any checkpoint (exported to a temporary folder first)."""
-    path = Path(pruners)
-    if path.is_dir() and (path / "pruners.json").exists():
-        return load_pruners(path, dims)
-    from lightning_lvp.export import export_pruners
-
-    with tempfile.TemporaryDirectory() as tmp:
-        export_pruners(path, tmp)
-        return load_pruners(tmp, dims)
 
 
 def build_datamodule(cfg: dict[str, Any], model_path: str, overrides: dict[str, Any]):
@@ -157,10 +135,8 @@ def run_sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
     cfg = load_experiment(args.config)
     model_args = _init_args(cfg["model"])
     model_path = args.model_path or model_args["model_path"]
-    llava = adapter.load_llava(model_path)
-    dims = adapter.text_dims(llava.config)
-    method = load_method(args.pruners, dims)
-    model = PrunedLlava(llava, method).eval()
+    model = PrunedLlava.from_pretrained(model_path, args.pruners)
+    method = model.method
     overrides = {"val_batch_size": args.batch_size, "num_workers": args.num_workers}
     dm = build_datamodule(cfg, model_path, overrides)
     loader = dm.val_dataloader()
@@ -212,7 +188,7 @@ def sweep_command(argv: list[str]) -> int:
     p.add_argument("--rhos", default="0.3:0.8:0.05", help="first-stage ratios: START:STOP:STEP or a comma list")
     p.add_argument("--step", type=float, default=0.2, help="ratio decrease per stage: [rho, rho-step, rho-2*step]")
     p.add_argument("--min_ratio", type=float, default=0.05, help="stage ratios below this are clipped up to it")
-    p.add_argument("--schedule", action="append", default=[], help="explicit per-stage schedule 'a,b,c' (repeatable)")
+    p.add_argument("--schedule", action="append", default=[], help="schedules in the common syntax: 'a,b,c', 'paper:0.5', ';' between several (repeatable)")
     p.add_argument("--no_base", dest="include_base", action="store_false", help="skip the unpruned model")
     p.add_argument("--model_path", default=None, help="override the config's model.model_path")
     p.add_argument("--max_batches", type=int, default=None, help="validation batches per schedule (default: all)")

@@ -28,8 +28,7 @@ SPEC = TinyLlavaSpec()  # 4 LLM layers, 16 patches
 
 def test_schedule_maths():
     assert lvp_schedule(0.45, 3) == [0.45, 0.25, 0.05]
-    with pytest.raises(ValueError, match="non-positive"):
-        lvp_schedule(0.3, 3)
+    assert lvp_schedule(0.3, 3) == [0.3, 0.1, 0.05]  # the one clip policy: floored at 0.05 (schedules.py)
     # paper: points after 1, 8, 16 of 32 layers, [0.5, 0.3, 0.1]
     fr = layer_fractions([1, 8, 16], [0.5, 0.3, 0.1], 32)
     assert fr[:2] == [1.0, 0.5] and fr[8] == 0.3 and fr[16] == 0.1 and len(fr) == 32

@@ -74,5 +74,9 @@ def test_sweep_never_overwrites_other_results(setup, tmp_path):
 def test_schedule_parsing():
     assert sweep.parse_range("0.3:0.4:0.05") == [0.3, 0.35, 0.4]
     assert sweep.build_schedules([0.3], [], 3) == [[0.3, 0.1, 0.05]]  # rho - 0.4 < 0 clipped to min_ratio
-    with pytest.raises(ValueError, match="has 2 ratios, the pruners have 3 stages"):
+    with pytest.raises(ValueError, match="has 2 ratios, the method has 3 stages"):
         sweep.build_schedules([], ["0.5,0.3"], 3)
+
+
+def test_schedule_flag_takes_the_common_syntax():
+    assert sweep.build_schedules([], ["paper:0.5;0.6,0.4,0.2"], 3) == [[0.5, 0.3, 0.1], [0.6, 0.4, 0.2]]

@@ -26,11 +26,11 @@ except ImportError:  # documented interface stand-in
             self._rank, self._world_size = 0, 1
 
 
-from lightning_lvp.callbacks import paper_schedule
 from lightning_lvp.data.collate import LlavaCollator
 from lightning_lvp.data.conversation import render_conversation, tokenize_conversation
 from lightning_lvp.data.llava_dataset import expand_to_square, num_image_tokens
 from lightning_lvp.evaluate import model_inputs
+from lightning_lvp.schedules import paper_schedule, parse_schedule
 
 IMAGE_TOKEN = "<image>"
 
@@ -53,6 +53,20 @@ def encode_sample(processor, prompt: str, image) -> dict[str, Any]:
     pixels = processor.image_processor(image, return_tensors="pt")["pixel_values"][0]
     return {"input_ids": ids, "vision_mask": vision, "prompt_mask": ~vision, "pixel_values": pixels,
             "id": "", "answer": "", "question_type": ""}
+
+
+def plugin_schedule(rho: float | str | None, ratios: str | None, stages: int) -> list[float | None] | None:
+    """The schedule of ``--model_args``: ``ratios`` or ``rho`` (paper rule), else None (the method's default).
+
+    ``ratios`` is one schedule in the common syntax (:mod:`lightning_lvp.schedules`), except that
+    its stages are separated by ``;`` (``ratios=0.5;0.3;0.1``): lmms-eval splits ``--model_args`` at
+    every ``,``. ``ratios=paper:0.5`` works as well.
+    """
+    if ratios:
+        return parse_schedule(str(ratios).replace(";", ","), stages or None)
+    if rho is not None and stages:
+        return paper_schedule(float(rho), stages)
+    return None
 
 
 def cut_at(text: str, until: Sequence[str]) -> str:
@@ -88,23 +102,14 @@ class LVPLmms(_LmmsBase):
         super().__init__()
         from transformers import AutoProcessor
 
-        from lightning_lvp import adapter
         from lightning_lvp.model import PrunedLlava
-        from lightning_lvp.sweep import load_method
 
         if model is None:
-            llava = adapter.load_llava(pretrained, dtype=getattr(torch, dtype), device=device)
-            method = load_method(pruners, adapter.text_dims(llava.config)) if pruners else None
-            model = PrunedLlava(llava, method).eval()
+            model = PrunedLlava.from_pretrained(pretrained, pruners, dtype=dtype, device=device)
         self.model = model
         self.processor = processor or AutoProcessor.from_pretrained(pretrained)
         stages = model.method.num_stages if model.method is not None else 0
-        if ratios:
-            self.ratios = [float(x) for x in str(ratios).split(";")]
-        elif rho is not None and stages:
-            self.ratios = paper_schedule(float(rho), stages)
-        else:
-            self.ratios = None
+        self.ratios = plugin_schedule(rho, ratios, stages)
         self.batch_size_per_gpu = int(batch_size)
         self.max_new_tokens = int(max_new_tokens)
         self.collate = LlavaCollator(self.processor.tokenizer.pad_token_id, padding_side="left")

@@ -90,8 +90,7 @@ class PrunedGenerator:
 def evaluate_command(argv: list[str]) -> int:
     from transformers import AutoProcessor
 
-    from lightning_lvp import adapter
-    from lightning_lvp.sweep import load_method
+    from lightning_lvp.schedules import parse_schedule
 
     p = argparse.ArgumentParser(prog="python -m lightning_lvp evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--benchmark", required=True, help="vqav2 | gqa | vizwiz | textvqa | pope | sqa | mmbench")
@@ -100,17 +99,16 @@ def evaluate_command(argv: list[str]) -> int:
     p.add_argument("--image_folder", action="append", required=True, help="image folder (repeatable)")
     p.add_argument("--model_path", required=True, help="llava-hf model folder or hub id")
     p.add_argument("--pruners", default=None, help="pruner folder or checkpoint (omit for the unpruned model)")
-    p.add_argument("--ratios", default=None, help="inference schedule 'a,b,c' (default: the pruners' keep_ratios)")
+    p.add_argument("--ratios", default=None, help="inference schedule 'a,b,c' or 'paper:0.5' (lightning_lvp/schedules.py; default: the pruners' keep_ratios)")
     p.add_argument("--batch_size", type=int, default=8, help="questions per generation batch")
     p.add_argument("--max_new_tokens", type=int, default=16, help="decoding budget per answer")
     p.add_argument("--answers", required=True, help="answers JSONL to write (never overwritten without --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing answers file")
     args = p.parse_args(argv)
-    llava = adapter.load_llava(args.model_path)
-    method = load_method(args.pruners, adapter.text_dims(llava.config)) if args.pruners else None
-    model = PrunedLlava(llava, method).eval()
+    model = PrunedLlava.from_pretrained(args.model_path, args.pruners)
     processor = AutoProcessor.from_pretrained(args.model_path)
-    ratios = [float(x) for x in args.ratios.split(",")] if args.ratios else None
+    stages = model.method.num_stages if model.method is not None else None
+    ratios = parse_schedule(args.ratios, stages) if args.ratios else None
     gen = PrunedGenerator(model, processor, args.image_folder, ratios, args.max_new_tokens)
     questions, issues = load_questions(args.questions)
     for issue in issues:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lightning_lvp.adapter import TextDims
+from lightning_lvp.schedules import validate_ratios  # noqa: F401  (re-exported: methods import it from here)
 from lightning_lvp.state import SeqState
 
 
@@ -32,29 +33,26 @@ class StageContext:
             patch order = ``state.patch_index``.
         attention_row: callable ``query_index (B,) -> (B, H, L)`` giving the softmax attention of
             one query per sample in layer ``layer_index`` (recomputed on demand; None at the input).
+        next_attention_row: the same for layer ``layer_index + 1`` applied to the current hidden
+            states (the attention the next layer would compute before any removal; PyramidDrop).
+        layer_keys: callable ``() -> (B, L, H * Dh)``, the rotary keys of layer ``layer_index`` over
+            the current slots, all query heads (DART's pivots).
+        final_norm: the LLM's final norm, ``(..., D) -> (..., D)`` (DART's similarity space).
+        vision_attention: callable ``() -> (cls_attention (B, Hv, 1 + N), keys (B, 1 + N, Dh))``:
+            the CLS query's softmax attention and the head-averaged keys of the vision tower's
+            selected layer (VisionZip); token order as ``vision_hidden``.
+        project: the multimodal projector, ``(B, M, Dv) -> (B, M, D)`` (tokens merged in vision space).
     """
 
     stage: int
     layer_index: int | None
     vision_hidden: torch.Tensor | None = None
     attention_row: Callable[[torch.Tensor], torch.Tensor] | None = None
-
-
-def validate_ratios(ratios: Sequence[float | None], field: str, allow_none: bool = False) -> list[float | None]:
-    """Checks kept ratios are in (0, 1] and non-increasing; error messages name ``field``."""
-    ratios = list(ratios)
-    numeric = []
-    for r in ratios:
-        if r is None:
-            if not allow_none:
-                raise ValueError(f"{field} must be numbers in (0, 1], got {ratios}")
-            continue
-        if not isinstance(r, (int, float)) or not 0.0 < float(r) <= 1.0:
-            raise ValueError(f"{field} must be in (0, 1], got {ratios}")
-        numeric.append(float(r))
-    if any(b > a + 1e-12 for a, b in zip(numeric, numeric[1:])):
-        raise ValueError(f"{field} must be non-increasing, got {ratios}")
-    return ratios
+    next_attention_row: Callable[[torch.Tensor], torch.Tensor] | None = None
+    layer_keys: Callable[[], torch.Tensor] | None = None
+    final_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
+    vision_attention: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
+    project: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 def validate_layers(after_layers: Sequence[int], field: str = "after_layers") -> list[int]:
@@ -181,6 +179,13 @@ class PruningMethod(nn.Module):
         alive = state.alive_vision
         keep_vision = topk_keep(self.scores(state, ctx), alive, self.counts(state, ctx, ratio))
         return (state.valid & ~state.vision) | keep_vision
+
+    def apply(self, state: SeqState, ctx: StageContext, ratio: float | None) -> SeqState:
+        """The state after this stage: by default the tokens of :meth:`select`, physically removed.
+
+        Methods that also change the surviving tokens (VisionZip's merged tokens) override this.
+        """
+        return state.select(self.select(state, ctx, ratio))
 
     def decide(self, state: SeqState, ctx: StageContext, tau: float) -> torch.Tensor:
         """(B, L) hard differentiable keep decisions for the masked training path (trainable methods)."""

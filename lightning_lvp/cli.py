@@ -1,5 +1,5 @@
 """Command line: ``python -m lightning_lvp {fit,validate,test,predict} -c CONFIG`` (LightningCLI) plus
-``flops``, ``sweep``, ``export`` and ``compare``.
+``flops``, ``sweep``, ``export``, ``compare``, ``evaluate`` and ``probe``.
 
 LightningCLI runs with the omegaconf parser mode so ``${...}`` interpolation works in the YAML.
 ``model.model_path`` is linked to ``data.processor_path`` (one value, never repeated in YAML).
@@ -17,6 +17,7 @@ EXTRA_COMMANDS = {
     "export": ("lightning_lvp.export", "export_command", "write pruner weights from a checkpoint"),
     "compare": ("lightning_lvp.compare", "compare_command", "LVPruning vs training-free baselines on one data set"),
     "evaluate": ("lightning_lvp.eval.runner", "evaluate_command", "answer and score a benchmark (LLaVA formats)"),
+    "probe": ("lightning_lvp.probes", "probe_command", "capacity probes of a base: relevance (top-k recall), position"),
 }
 
 

@@ -29,6 +29,42 @@ def per_sample_exact_match(
     return (n_wrong == 0) & (n_labels > 0)
 
 
+def patch_relevance(relevant_mask: torch.Tensor, vision_mask: torch.Tensor, n_patches: int | None = None) -> torch.Tensor:
+    """The relevant patches of each sample in patch coordinates (the i-th image token is patch i).
+
+    Args:
+        relevant_mask: (B, T) bool, True at the image tokens of the patches that decide the answer
+            (collated ``relevant_mask``).
+        vision_mask: (B, T) bool, True at image tokens (padding excluded).
+        n_patches: width of the result (default: the largest image-token count in the batch); it
+            matches :attr:`~lightning_lvp.model.InferOutput.kept_patches`.
+
+    Returns:
+        (B, n_patches) bool.
+    """
+    vision = vision_mask.bool()
+    n = int(vision.sum(1).max()) if n_patches is None else n_patches
+    patch = torch.where(vision, vision.long().cumsum(1) - 1, n)  # (B, T): patch index, n = not a patch
+    out = torch.zeros(vision.shape[0], n + 1, dtype=torch.bool, device=vision.device)
+    out.scatter_(1, patch, relevant_mask.bool() & vision)  # each patch index occurs once per row
+    return out[:, :n]
+
+
+def relevant_kept_fraction(kept: torch.Tensor, relevant: torch.Tensor) -> torch.Tensor:
+    """Per sample, the fraction of its relevant patches that are kept: ``|kept & rel| / |rel|``.
+
+    Args:
+        kept: (B, N) bool, patches alive after a stage.
+        relevant: (B, N) bool, patches that decide the answer.
+
+    Returns:
+        (B,) float; NaN for samples without any relevant patch (undefined, never counted as 0 or 1).
+    """
+    n_rel = relevant.sum(1).float()
+    hit = (kept.bool() & relevant.bool()).sum(1).float()
+    return torch.where(n_rel > 0, hit / n_rel.clamp(min=1), torch.full_like(n_rel, float("nan")))
+
+
 def model_inputs(batch: dict[str, Any], device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
     """The tensors of a collated batch that :class:`PrunedLlava` forwards take."""
     out = {k: batch[k] for k in BATCH_KEYS if batch.get(k) is not None}

@@ -231,21 +231,37 @@ class ImageFeatures:
 def image_features(model: LlavaForConditionalGeneration, pixel_values: torch.Tensor) -> ImageFeatures:
     """Runs the vision tower + projector as LLaVA does (feature layer, CLS dropped for "default")."""
     cfg = model.config
-    out = model.model.get_image_features(
-        pixel_values=pixel_values,
-        vision_feature_layer=cfg.vision_feature_layer,
-        vision_feature_select_strategy=cfg.vision_feature_select_strategy,
-        return_dict=True,
-    )
     if not isinstance(cfg.vision_feature_layer, int):
         raise NotImplementedError("lists of vision_feature_layer are not supported")
-    embeds = torch.stack(list(out.pooler_output))  # (B, N, D): pooler_output is a list per image in v5
+    captured: dict[str, torch.Tensor] = {}
     selected = _vision_layer_number(model)
+    hook = None
+    if selected >= 1:  # transformers 5.24 keeps only the selected hidden state: catch the layer's input
+        layer = _vision_layers(model)[selected - 1]
+        def catch(_module, args):  # returns None: the layer's input is not changed
+            captured["input"] = args[0]
+
+        hook = layer.register_forward_pre_hook(catch)
+    try:
+        out = model.model.get_image_features(
+            pixel_values=pixel_values,
+            vision_feature_layer=cfg.vision_feature_layer,
+            vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+            return_dict=True,
+        )
+    finally:
+        if hook is not None:
+            hook.remove()
+    embeds = torch.stack(list(out.pooler_output))  # (B, N, D): pooler_output is a list per image in v5
     return ImageFeatures(
-        embeds=embeds,
-        vision_hidden=out.hidden_states[cfg.vision_feature_layer],
-        vision_input=out.hidden_states[selected - 1] if selected >= 1 else None,
+        embeds=embeds, vision_hidden=out.hidden_states[cfg.vision_feature_layer], vision_input=captured.get("input")
     )
+
+
+def _vision_layers(model: LlavaForConditionalGeneration) -> nn.ModuleList:
+    """The CLIP encoder layers (transformers 5: the tower is the ``CLIPVisionTransformer`` itself)."""
+    tower = model.model.vision_tower
+    return getattr(tower, "vision_model", tower).encoder.layers
 
 
 def _vision_layer_number(model: LlavaForConditionalGeneration) -> int:
@@ -275,7 +291,7 @@ def vision_cls_attention(
             f"vision_feature_layer {model.config.vision_feature_layer} reads the patch embeddings: "
             "that layer has no attention to rank tokens with"
         )
-    layer = model.model.vision_tower.vision_model.encoder.layers[number - 1]
+    layer = _vision_layers(model)[number - 1]
     attn = layer.self_attn
     b, t, _ = layer_input.shape
     normed = layer.layer_norm1(layer_input)

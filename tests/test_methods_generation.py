@@ -5,7 +5,17 @@ import pytest
 import torch
 
 from lightning_lvp import adapter
-from lightning_lvp.methods import ClsKneePruning, FastV, LVPruning, RandomPruning, UniformPruning
+from lightning_lvp.methods import (
+    DART,
+    ClsKneePruning,
+    DivPrune,
+    FastV,
+    LVPruning,
+    PyramidDrop,
+    RandomPruning,
+    UniformPruning,
+    VisionZip,
+)
 from lightning_lvp.methods.knee import cls_similarity, find_knee
 from lightning_lvp.model import PrunedLlava
 from lightning_lvp.tiny import TinyLlavaSpec, build_tiny_llava
@@ -19,6 +29,12 @@ METHODS = {
     "fastv": lambda: FastV(k=2, keep_ratio=0.25),
     "random": lambda: RandomPruning([0, 2], [0.5, 0.25], seed=1),
     "uniform": lambda: UniformPruning([1, 3], [0.5, 0.125]),
+    "divprune": lambda: DivPrune(keep_ratio=0.25),
+    "dart": lambda: DART(k=1, keep_ratio=0.5, pivot_image=2, pivot_text=2),
+    "pdrop": lambda: PyramidDrop(layers=[1, 2], lam=0.5),
+    "visionzip": lambda: VisionZip(keep_ratio=0.5, contextual_fraction=0.25),
+    "visionzip_original": lambda: VisionZip(keep_ratio=0.5, contextual_fraction=0.25, cls_to_llm=False, layout="original"),
+    "visionzip_dominant": lambda: VisionZip(keep_ratio=0.375, contextual_fraction=0.0),
 }
 
 

@@ -9,3 +9,9 @@ from lightning_lvp.methods.knee import ClsKneePruning  # noqa: E402
 from lightning_lvp.methods.simple import RandomPruning, UniformPruning  # noqa: E402
 
 __all__ += ["ClsKneePruning", "FastV", "RandomPruning", "UniformPruning"]
+from lightning_lvp.methods.dart import DART  # noqa: E402
+from lightning_lvp.methods.divprune import DivPrune  # noqa: E402
+from lightning_lvp.methods.pdrop import PyramidDrop  # noqa: E402
+from lightning_lvp.methods.visionzip import VisionZip  # noqa: E402
+
+__all__ += ["DART", "DivPrune", "PyramidDrop", "VisionZip"]

@@ -8,15 +8,20 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import matplotlib
+import torch
+from matplotlib.figure import Figure
+from torchmetrics import MeanMetric
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from torchmetrics import MeanMetric  # noqa: E402
-
-from lightning_lvp.evaluate import model_inputs, score_batch  # noqa: E402
-from lightning_lvp.schedules import PAPER_RHOS, paper_schedule, paper_schedules  # noqa: E402, F401
+from lightning_lvp.evaluate import (
+    RelevanceStats,
+    model_inputs,
+    relevance_metrics,
+    score_batch,
+    stage_name,
+    update_relevance,
+)
+from lightning_lvp.plots import accuracy_vs_tflops
+from lightning_lvp.schedules import PAPER_RHOS, paper_schedule, paper_schedules  # noqa: F401  (old import path)
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +54,10 @@ class RatioSweep(L.Callback):
     """Validation under several inference schedules plus the unpruned model.
 
     Logs ``val/acc@<name>`` and ``val/tflops@<name>`` per schedule, a metric-vs-TFLOPs figure to
-    TensorBoard, writes ``sweep.json`` into the log folder and prints the table when fit ends.
+    TensorBoard, writes ``sweep.json`` into the log folder and prints the table when fit ends. On data
+    with relevant patches it also logs, per pruned schedule and stage, ``val/relevant_kept/<stage>@<name>``
+    and ``val/kept_overlap/<stage>@<name>`` (:class:`lightning_lvp.evaluate.RelevanceStats`; absent
+    otherwise), gathered over all ranks.
 
     Args:
         rhos: first-stage ratios; each becomes the paper's [rho, rho-0.2, rho-0.4] cut to the stage count
@@ -68,6 +76,7 @@ class RatioSweep(L.Callback):
     ):
         self.rhos, self.explicit, self.include_base, self.every = list(rhos), schedules, include_base, every_n_epochs
         self.metrics: dict[str, MeanMetric] = {}
+        self.relevance: dict[str, RelevanceStats] = {}
         self.flops: dict[str, float] = {}
         self.last: list[dict[str, Any]] = []
 
@@ -85,6 +94,8 @@ class RatioSweep(L.Callback):
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         self.metrics = {schedule_name(s): MeanMetric().to(pl_module.device) for s in self._schedules(pl_module)}
+        stages = [stage_name(a) for a in pl_module.method.after_layers] if pl_module.method is not None else []
+        self.relevance = {schedule_name(s): RelevanceStats(stages) for s in self._schedules(pl_module) if s is not None}
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if not self._active(trainer):
@@ -95,6 +106,8 @@ class RatioSweep(L.Callback):
             ratios = [1.0] * stages if sched is None and stages else sched  # rho = 1 is exactly the base
             res = score_batch(pl_module.model, batch, ratios)
             self.metrics[name].update(res["correct"].float().to(pl_module.device))
+            if sched is not None:  # the base keeps everything: nothing to diagnose
+                update_relevance(self.relevance[name], batch, res["kept_patches"])
             if name not in self.flops:
                 self.flops[name] = count_schedule_flops(pl_module.model, batch, sched)
 
@@ -108,7 +121,12 @@ class RatioSweep(L.Callback):
             tflops = self.flops.get(name, float("nan")) / 1e12
             pl_module.log(f"val/acc@{name}", acc, sync_dist=False, rank_zero_only=True)
             pl_module.log(f"val/tflops@{name}", tflops, rank_zero_only=True)
-            rows.append({"schedule": name, "ratios": sched, "accuracy": acc, "tflops": tflops})
+            row = {"schedule": name, "ratios": sched, "accuracy": acc, "tflops": tflops}
+            if name in self.relevance:
+                row.update(gather_relevance(self.relevance[name]).compute())
+                for key, value in relevance_metrics(row).items():
+                    pl_module.log(f"val/{key}@{name}", value, rank_zero_only=True)
+            rows.append(row)
         self.last = rows
         log_dir = trainer.log_dir  # a collective under DDP: every rank must call it
         if trainer.is_global_zero:
@@ -121,16 +139,10 @@ class RatioSweep(L.Callback):
         experiment = getattr(trainer.logger, "experiment", None)
         if not hasattr(experiment, "add_figure"):
             return
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        ax.plot([r["tflops"] for r in rows], [100 * r["accuracy"] for r in rows], "o-")
-        for r in rows:
-            ax.annotate(r["schedule"], (r["tflops"], 100 * r["accuracy"]), textcoords="offset points", xytext=(4, 4))
-        ax.set_xlabel("TFLOPs (1 sample, token-removing forward)")
-        ax.set_ylabel("val accuracy (%)")
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
+        fig = accuracy_vs_tflops(
+            rows, "schedule", xlabel="TFLOPs (1 sample, token-removing forward)", ylabel="val accuracy (%)"
+        )
         experiment.add_figure("val/acc_vs_tflops", fig, global_step=trainer.global_step)
-        plt.close(fig)
 
     def on_fit_end(self, trainer, pl_module) -> None:
         log_dir = trainer.log_dir  # a collective under DDP: every rank must call it
@@ -138,15 +150,45 @@ class RatioSweep(L.Callback):
             print(format_sweep(self.last, log_dir))
 
 
+def gather_relevance(stats: RelevanceStats) -> RelevanceStats:
+    """``stats`` merged over all ranks (a collective under DDP: every rank must call it); itself otherwise."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return stats
+    parts: list[RelevanceStats | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, stats)
+    merged = RelevanceStats(stats.stages)
+    for part in parts:
+        merged.merge(part)
+    return merged
+
+
+def _per_stage(values: dict[str, float] | None, stages: list[str]) -> str:
+    """``0.95/0.80/0.50`` in stage order, ``-`` when absent."""
+    return "/".join(f"{values[s]:.2f}" for s in stages) if values else "-"
+
+
 def format_sweep(rows: list[dict[str, Any]], log_dir: str | None) -> str:
-    """The table printed at the end of fit."""
+    """The table printed at the end of fit (relevance columns only when the data has relevant patches)."""
     base = next((r for r in rows if r["schedule"] == "base"), None)
     lines = ["", "Ratio sweep (validation, token-removing inference path):"]
-    lines.append(f"{'schedule':<10} {'ratios':<22} {'accuracy':>9} {'TFLOPs':>10} {'vs base':>8}")
+    stages = next((list(r[k]) for r in rows for k in ("relevant_kept", "kept_overlap") if r.get(k)), [])
+    width = max(14, 5 * len(stages))
+    extra = f" {'relevant kept':>{width}} {'kept overlap':>{width}}" if stages else ""
+    lines.append(f"{'schedule':<10} {'ratios':<22} {'accuracy':>9} {'TFLOPs':>10} {'vs base':>8}{extra}")
     for r in rows:
         rel = f"{r['tflops'] / base['tflops']:.2f}x" if base and base["tflops"] else ""
         ratios = "-" if r["ratios"] is None else str(r["ratios"])
-        lines.append(f"{r['schedule']:<10} {ratios:<22} {100 * r['accuracy']:>8.1f}% {r['tflops']:>10.2e} {rel:>8}")
+        line = f"{r['schedule']:<10} {ratios:<22} {100 * r['accuracy']:>8.1f}% {r['tflops']:>10.2e} {rel:>8}"
+        if stages:
+            line += f" {_per_stage(r.get('relevant_kept'), stages):>{width}}"
+            line += f" {_per_stage(r.get('kept_overlap'), stages):>{width}}"
+        lines.append(line)
+    if stages:
+        lines.append(
+            f"relevant kept: recall of the relevant patches after each stage ({'/'.join(stages)}); kept overlap: "
+            "Jaccard index of the kept sets of two questions about one image (1.00 = question-blind)"
+        )
     if log_dir:
         lines.append(f"TensorBoard logs: {log_dir}  (tensorboard --logdir {Path(log_dir).parent})")
     return "\n".join(lines)
@@ -175,7 +217,6 @@ class PruningPictures(L.Callback):
             out = pl_module.model.forward_infer(**model_inputs(sub), ratios=self.ratios)
         fig = draw_pruning(sub, out.kept_patches, pl_module.method.after_layers, _tokenizer(trainer))
         experiment.add_figure("val/pruning", fig, global_step=trainer.global_step)
-        plt.close(fig)
 
 
 def _tokenizer(trainer):
@@ -202,7 +243,8 @@ def draw_pruning(batch: dict[str, Any], kept: list[torch.Tensor], after_layers: 
     pix = batch["pixel_values"].float()
     b, grid = pix.shape[0], int(round(kept[0].shape[1] ** 0.5))
     relevant = batch.get("relevant_mask")
-    fig, axes = plt.subplots(b, len(kept) + 1, figsize=(2.2 * (len(kept) + 1), 2.3 * b), squeeze=False)
+    fig = Figure(figsize=(2.2 * (len(kept) + 1), 2.3 * b))  # object API: no pyplot state, no backend choice
+    axes = fig.subplots(b, len(kept) + 1, squeeze=False)
     for i in range(b):
         img = pix[i].permute(1, 2, 0)
         img = ((img - img.min()) / (img.max() - img.min() + 1e-8)).cpu().numpy()

@@ -39,6 +39,7 @@ from lightning_lvp import adapter
 from lightning_lvp.evaluate import evaluate_schedule, model_inputs
 from lightning_lvp.methods import ClsKneePruning, FastV, PruningMethod, RandomPruning, UniformPruning
 from lightning_lvp.model import PrunedLlava
+from lightning_lvp.plots import accuracy_vs_tflops, save_png
 from lightning_lvp.schedules import PAPER_RHOS, paper_schedule, parse_rhos
 
 log = logging.getLogger(__name__)
@@ -235,40 +236,20 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+BASELINE_MARKERS = {"base": ("*", "k"), "cls_knee": ("s", "C1"), "fastv": ("^", "C2"), "random": ("x", "C3"), "uniform": ("D", "C4")}
+
+
 def plot_accuracy_vs_tflops(rows: Sequence[dict[str, Any]], path: Path) -> None:
-    """Accuracy (%) against TFLOPs per sample; the LVPruning points joined by a line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    lvp = [r for r in rows if r["name"].startswith("lvp_")]
-    if lvp:
-        pts = sorted((r["tflops"], 100 * r["accuracy"]) for r in lvp)
-        ax.plot(*zip(*pts, strict=True), "-o", color="C0", label="LVPruning")
-    markers = {
-        "base": ("*", "k"),
-        "cls_knee": ("s", "C1"),
-        "fastv": ("^", "C2"),
-        "random": ("x", "C3"),
-        "uniform": ("D", "C4"),
-    }
-    for r in rows:
-        if r["name"] in markers:
-            marker, color = markers[r["name"]]
-            ax.plot(r["tflops"], 100 * r["accuracy"], marker, color=color, markersize=9, label=r["name"])
-        ax.annotate(
-            r["name"], (r["tflops"], 100 * r["accuracy"]), textcoords="offset points", xytext=(4, 4), fontsize=8
-        )
-    ax.set_xlabel("TFLOPs per sample")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title("accuracy vs compute")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    """Accuracy (%) against TFLOPs per sample; the LVPruning points joined by a line (:mod:`lightning_lvp.plots`)."""
+    fig = accuracy_vs_tflops(
+        rows,
+        on_line=lambda r: r["name"].startswith("lvp_"),
+        line_label="LVPruning",
+        markers=BASELINE_MARKERS,
+        title="accuracy vs compute",
+        size=(6.4, 4.4),
+    )
+    save_png(fig, path)
 
 
 def existing_results(out: Path) -> list[Path]:

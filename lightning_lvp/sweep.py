@@ -18,19 +18,16 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import torch
+from omegaconf import OmegaConf
+from tqdm import tqdm
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from lightning_lvp.callbacks import count_schedule_flops  # noqa: E402
-from lightning_lvp.evaluate import evaluate_schedule  # noqa: E402
-from lightning_lvp.io import instantiate, load_method  # noqa: E402, F401  (load_method: old import path)
-from lightning_lvp.model import PrunedLlava  # noqa: E402
-from lightning_lvp.schedules import MIN_RATIO, PAPER_STEP, paper_schedules, parse_rhos, parse_schedules  # noqa: E402
+from lightning_lvp.callbacks import count_schedule_flops
+from lightning_lvp.evaluate import evaluate_schedule
+from lightning_lvp.io import instantiate, load_method  # noqa: F401  (load_method: old import path)
+from lightning_lvp.model import PrunedLlava
+from lightning_lvp.plots import accuracy_vs_tflops, save_png
+from lightning_lvp.schedules import MIN_RATIO, PAPER_STEP, paper_schedules, parse_rhos, parse_schedules
 
 log = logging.getLogger(__name__)
 RESULTS = "results.json"
@@ -108,20 +105,10 @@ def write_results(out: Path, settings: dict[str, Any], rows: list[dict[str, Any]
         writer.writeheader()
         for r in rows:
             writer.writerow({k: json.dumps(r[k]) if isinstance(r[k], list) else r[k] for k in fields})
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    pruned = [r for r in rows if r["ratios"] is not None]
-    ax.plot([r["tflops"] for r in pruned], [100 * r["accuracy"] for r in pruned], "o-", label="pruned")
-    for r in rows:
-        if r["ratios"] is None:
-            ax.plot([r["tflops"]], [100 * r["accuracy"]], "k*", markersize=10, label="unpruned")
-        ax.annotate(r["name"], (r["tflops"], 100 * r["accuracy"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("TFLOPs per sample")
-    ax.set_ylabel("accuracy (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "acc_vs_tflops.png", dpi=120)
-    plt.close(fig)
+    fig = accuracy_vs_tflops(
+        rows, on_line=lambda r: r["ratios"] is not None, line_label="pruned", markers={"base": ("*", "k")}
+    )
+    save_png(fig, out / "acc_vs_tflops.png")
 
 
 def evaluate_one(model: PrunedLlava, loader, first_batch, ratios, max_batches) -> dict[str, Any]:

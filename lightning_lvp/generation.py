@@ -24,7 +24,7 @@ import copy
 from collections.abc import Sequence
 
 import torch
-from transformers import DynamicCache, GenerationConfig
+from transformers import DynamicCache, GenerationConfig, StoppingCriteria
 from transformers.generation.utils import GenerationMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.llava.modeling_llava import LlavaPreTrainedModel
@@ -299,3 +299,23 @@ class _GeneratorAsGlobalRng:
             self.generator.set_state(self._get())
             self._set(self.saved)
         return False
+
+
+class DecodedStopStrings(StoppingCriteria):
+    """Stops a row once its decoded continuation contains one of ``stops`` (any tokenizer).
+
+    transformers' ``stop_strings`` pre-computes token/string overlaps from the vocabulary, which
+    fails for word-level tokenizers such as the demo's; decoding the new tokens works for all.
+
+    Args:
+        tokenizer: decodes the generated ids.
+        stops: stop strings (lmms-eval's ``until``).
+        prompt_length: columns of the prompt in ``input_ids`` (only the continuation is searched).
+    """
+
+    def __init__(self, tokenizer, stops: Sequence[str], prompt_length: int) -> None:
+        self.tokenizer, self.stops, self.prompt_length = tokenizer, [s for s in stops if s], prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length :], skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in self.stops) for t in texts], device=input_ids.device)

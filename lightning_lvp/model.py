@@ -387,6 +387,7 @@ class PrunedLlava(nn.Module):
         cfg = generation_config_for(
             wrapper.generation_config, max_new_tokens, do_sample, temperature, top_k, top_p, eos, pad
         )
+        generate_kwargs = cfg.update(**generate_kwargs)  # GenerationConfig fields go into the config
         wrapper.generation_config = cfg  # also the defaults generate() fills unset fields from (eos may be off)
         if max_new_tokens <= 0:
             return input_ids.new_zeros(input_ids.shape[0], 0)

@@ -15,6 +15,7 @@ from torchmetrics import MeanMetric
 from lightning_lvp.evaluate import (
     RelevanceStats,
     model_inputs,
+    per_stage_text,
     relevance_metrics,
     score_batch,
     stage_name,
@@ -163,11 +164,6 @@ def gather_relevance(stats: RelevanceStats) -> RelevanceStats:
     return merged
 
 
-def _per_stage(values: dict[str, float] | None, stages: list[str]) -> str:
-    """``0.95/0.80/0.50`` in stage order, ``-`` when absent."""
-    return "/".join(f"{values[s]:.2f}" for s in stages) if values else "-"
-
-
 def format_sweep(rows: list[dict[str, Any]], log_dir: str | None) -> str:
     """The table printed at the end of fit (relevance columns only when the data has relevant patches)."""
     base = next((r for r in rows if r["schedule"] == "base"), None)
@@ -181,8 +177,8 @@ def format_sweep(rows: list[dict[str, Any]], log_dir: str | None) -> str:
         ratios = "-" if r["ratios"] is None else str(r["ratios"])
         line = f"{r['schedule']:<10} {ratios:<22} {100 * r['accuracy']:>8.1f}% {r['tflops']:>10.2e} {rel:>8}"
         if stages:
-            line += f" {_per_stage(r.get('relevant_kept'), stages):>{width}}"
-            line += f" {_per_stage(r.get('kept_overlap'), stages):>{width}}"
+            line += f" {per_stage_text(r.get('relevant_kept'), stages):>{width}}"
+            line += f" {per_stage_text(r.get('kept_overlap'), stages):>{width}}"
         lines.append(line)
     if stages:
         lines.append(

@@ -2,7 +2,8 @@
 
 Evaluates a list or range of inference schedules on the config's validation data with the
 token-REMOVING inference path and writes, per schedule, the accuracy, TFLOPs (token-removing
-forward of one validation sample), mean kept vision tokens per stage and latency, as
+forward of one validation sample), mean kept vision tokens per stage and latency (and, on data with
+relevant patches, ``relevant_kept/<stage>`` and ``kept_overlap/<stage>``: :mod:`lightning_lvp.evaluate`), as
 ``results.csv`` / ``results.json``, ``acc_vs_tflops.png`` and TensorBoard scalars in ``--out``.
 
 Resumable: schedules already in ``results.json`` are skipped; results are never overwritten
@@ -23,7 +24,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from lightning_lvp.callbacks import count_schedule_flops
-from lightning_lvp.evaluate import evaluate_schedule
+from lightning_lvp.evaluate import evaluate_schedule, per_stage_text, relevance_columns, relevance_metrics
 from lightning_lvp.io import instantiate, load_method  # noqa: F401  (load_method: old import path)
 from lightning_lvp.model import PrunedLlava
 from lightning_lvp.plots import accuracy_vs_tflops, save_png
@@ -100,11 +101,13 @@ def write_results(out: Path, settings: dict[str, Any], rows: list[dict[str, Any]
     tmp.write_text(json.dumps({"settings": settings, "rows": rows}, indent=2))
     tmp.replace(out / RESULTS)
     fields = ["name", "ratios", "accuracy", "tflops", "kept_tokens", "n_vision", "ms_per_sample", "n"]
+    relevance = relevance_columns(rows)  # relevant_kept/<stage>, kept_overlap/<stage>: only where defined
     with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
+        writer = csv.DictWriter(f, fieldnames=fields + relevance, restval="")
         writer.writeheader()
         for r in rows:
-            writer.writerow({k: json.dumps(r[k]) if isinstance(r[k], list) else r[k] for k in fields})
+            values = {k: json.dumps(r[k]) if isinstance(r[k], list) else r[k] for k in fields}
+            writer.writerow({**values, **relevance_metrics(r)})
     fig = accuracy_vs_tflops(
         rows, on_line=lambda r: r["ratios"] is not None, line_label="pruned", markers={"base": ("*", "k")}
     )
@@ -154,6 +157,8 @@ def run_sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
             step = len(rows) - 1
             writer.add_scalar("sweep/accuracy", res["accuracy"], step)
             writer.add_scalar("sweep/tflops", res["tflops"], step)
+            for key, value in relevance_metrics(res).items():
+                writer.add_scalar(f"sweep/{key}", value, step)
             writer.add_text("sweep/schedule", res["name"], step)
     if writer is not None:
         writer.close()
@@ -186,9 +191,17 @@ def sweep_command(argv: list[str]) -> int:
     args = p.parse_args(argv)
     torch.set_grad_enabled(False)
     rows = run_sweep(args)
-    print(f"{'schedule':<22} {'accuracy':>9} {'TFLOPs':>10} {'kept tokens':>22} {'ms/sample':>10}")
+    relevance = bool(relevance_columns(rows))
+    extra = f" {'relevant kept':>16} {'kept overlap':>16}" if relevance else ""
+    print(f"{'schedule':<22} {'accuracy':>9} {'TFLOPs':>10} {'kept tokens':>22} {'ms/sample':>10}{extra}")
     for r in rows:
         kept = ",".join(f"{k:.1f}" for k in r["kept_tokens"])
-        print(f"{r['name']:<22} {100 * r['accuracy']:>8.1f}% {r['tflops']:>10.2e} {kept:>22} {r['ms_per_sample']:>10.2f}")
+        line = f"{r['name']:<22} {100 * r['accuracy']:>8.1f}% {r['tflops']:>10.2e} {kept:>22} {r['ms_per_sample']:>10.2f}"
+        if relevance:
+            line += f" {per_stage_text(r.get('relevant_kept')):>16} {per_stage_text(r.get('kept_overlap')):>16}"
+        print(line)
+    if relevance:
+        print("relevant kept / kept overlap per stage: recall of the relevant patches; Jaccard of the kept sets "
+              "of two questions about one image (1.00 = question-blind)")
     print(f"results: {Path(args.out) / RESULTS}, {Path(args.out) / 'results.csv'}, {Path(args.out) / 'acc_vs_tflops.png'}")
     return 0

@@ -63,16 +63,22 @@ def test_fit_logs_ratios_losses_and_sweep_and_keeps_llava_frozen(model_dir, tmp_
         "val/acc@base",
         "val/acc@rho0.5",
         "val/tflops@rho0.45",
+        "val/relevant_kept/layer1@rho0.5",  # digits entries carry relevant patches
+        "val/kept_overlap/layer4@rho0.6",
         "image:val/pruning",  # kept patches per stage drawn on validation images
         "image:val/acc_vs_tflops",  # the sweep plot
     ):
         assert tag in tags, f"{tag} missing from {sorted(tags)}"
     out = capsys.readouterr().out
     assert "Ratio sweep" in out and "rho0.6" in out and "TensorBoard logs" in out
+    assert "relevant kept" in out and "kept overlap" in out
     ckpt = torch.load(glob.glob(str(tmp_path / "runs" / "**" / "last.ckpt"), recursive=True)[0], weights_only=False)
     assert not any(k.startswith("model.llava.") for k in ckpt["state_dict"]), "checkpoint holds the frozen LLaVA"
     assert any(k.startswith("method.decision.") for k in ckpt["state_dict"])
-    assert load_file(str(model_dir / "model.safetensors")).keys() == before.keys()  # base folder untouched
+    after = load_file(str(model_dir / "model.safetensors"))  # base folder untouched: same tensors, same values
+    assert after.keys() == before.keys()
+    changed = [k for k in before if not torch.equal(after[k], before[k])]
+    assert not changed, f"fit changed the base model's weights on disk: {changed[:5]}"
 
 
 def test_resume_continues_from_checkpoint(model_dir, tmp_path):

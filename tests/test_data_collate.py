@@ -35,8 +35,9 @@ def test_padding_and_masks(processor, samples, side):
     B, T = 2, long
     assert set(batch) == {
         "input_ids", "attention_mask", "labels", "pixel_values", "vision_mask", "prompt_mask", "relevant_mask",
-        "ids", "answers", "question_types",
+        "ids", "answers", "question_types", "images",
     }  # fmt: skip
+    assert batch["images"] == [s["image"] for s in samples()]  # image identity (RelevanceStats pairs questions by it)
     assert batch["input_ids"].shape == batch["labels"].shape == batch["vision_mask"].shape == (B, T)
     assert batch["pixel_values"].shape == (B, 3, 16, 16)
     assert batch["input_ids"].dtype == batch["attention_mask"].dtype == batch["labels"].dtype == torch.long

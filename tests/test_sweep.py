@@ -58,6 +58,12 @@ def test_sweep_writes_files_and_resumes(setup, tmp_path, monkeypatch):
     assert all(0.0 <= r["accuracy"] <= 1.0 and r["ms_per_sample"] > 0 for r in rows)
     csv_lines = (out / "results.csv").read_text().splitlines()
     assert csv_lines[0].startswith("name,ratios,accuracy,tflops") and len(csv_lines) == 6
+    # digits entries carry relevant patches: per-stage relevance columns, absent for the unpruned base
+    assert "relevant_kept/layer1" in csv_lines[0] and "kept_overlap/layer4" in csv_lines[0]
+    assert "relevant_kept" not in rows[0] and "kept_overlap" not in rows[0]
+    for r in rows[1:]:
+        assert list(r["relevant_kept"]) == list(r["kept_overlap"]) == ["layer1", "layer2", "layer4"]
+        assert all(0.0 <= v <= 1.0 for v in [*r["relevant_kept"].values(), *r["kept_overlap"].values()])
     assert (out / "acc_vs_tflops.png").stat().st_size > 1000
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
 

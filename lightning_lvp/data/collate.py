@@ -51,7 +51,7 @@ class LlavaCollator:
         Returns:
             ``input_ids`` / ``attention_mask`` / ``labels``: Long (B, T); ``pixel_values``: (B, 3, H, W);
             ``vision_mask`` / ``prompt_mask`` (and ``relevant_mask`` when the samples carry it): Bool (B, T);
-            ``ids`` / ``answers`` / ``question_types``: list[str]; ``skipped``: Counter of reasons, only
+            ``ids`` / ``answers`` / ``question_types`` / ``images``: list[str]; ``skipped``: Counter of reasons, only
             when some samples were skipped. ``labels`` is absent for prompt-only samples. An empty batch
             (every sample skipped) has only ``skipped``.
         """
@@ -75,6 +75,7 @@ class LlavaCollator:
         batch["ids"] = [s["id"] for s in kept]
         batch["answers"] = [s["answer"] for s in kept]
         batch["question_types"] = [s["question_type"] for s in kept]
+        batch["images"] = [s.get("image", "") for s in kept]
         return batch
 
 

@@ -348,6 +348,7 @@ class LlavaDataset(Dataset):
             "id": str(entry["id"]),
             "answer": rendered.answer,
             "question_type": str(entry.get("question_type", "")),
+            "image": str(entry["image"]),  # image identity: questions about one image are compared by it
         }
         if not self.prompt_only:
             sample["labels"] = labels

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from lightning_lvp.data.digits import DigitsConfig, build_digits_dataset, cell_patches, ensure_digits_dataset
+from lightning_lvp.data.digits import COLOURS, DigitsConfig, build_digits_dataset, cell_patches, ensure_digits_dataset
 from lightning_lvp.data.llava_dataset import filter_entries, load_entries
 
 SMALL = dict(
@@ -124,7 +124,8 @@ def test_ensure_builds_once_into_the_cache(tmp_path):
         (dict(grid_size=17), "grid_size"),
         (dict(cell_px=4), "cell_px"),
         (dict(patch_size=5), "patch_size"),
-        (dict(question_types=["colour"]), "question_types"),
+        (dict(question_types=["shape"]), "question_types"),
+        (dict(question_types=["colour"], questions_per_type=7), "questions_per_type"),
         (dict(questions_per_type=0), "questions_per_type"),
     ],
 )
@@ -137,6 +138,60 @@ def test_demo_tokenizer_knows_every_word(built):
     from lightning_lvp.data.tokenizer import build_tiny_tokenizer
 
     _, root, _ = built
+    tok = build_tiny_tokenizer()
+    for e in json.loads((root / "train.json").read_text()):
+        text = " ".join(t["value"] for t in e["conversations"])
+        assert tok.unk_token_id not in tok(text)["input_ids"], text
+
+
+@pytest.fixture(scope="module")
+def coloured(tmp_path_factory):
+    cfg = DigitsConfig(grid_size=4, train_images=10, val_images=4, questions_per_type=2, question_types=["colour"])
+    root = tmp_path_factory.mktemp("coloured")
+    build_digits_dataset(cfg, root)
+    return cfg, root
+
+
+def test_colour_questions_name_a_once_only_colour_and_its_digit(coloured):
+    cfg, root = coloured
+    digits = load_digits()
+    names = list(COLOURS)
+    grids = json.loads((root / "train_grids.json").read_text())
+    colours = json.loads((root / "train_colours.json").read_text())
+    entries = json.loads((root / "train.json").read_text())
+    assert len(entries) == 2 * cfg.train_images
+    for e in entries:
+        colour = e["conversations"][0]["value"].removeprefix("<image>\nWhat digit is ").removesuffix("?")
+        cells = [i for i, c in enumerate(colours[e["image"]]) if names[c] == colour]
+        assert len(cells) == 1, (e["id"], colour)  # the asked colour appears exactly once
+        assert e["relevant_patches"] == cells  # one 8-px cell = one patch
+        assert e["conversations"][1]["value"] == str(digits.target[grids[e["image"]][cells[0]]])
+        assert e["question_type"] == "colour"
+    # the two questions about one image ask different colours
+    by_image = {}
+    for e in entries:
+        by_image.setdefault(e["image"], set()).add(e["conversations"][0]["value"])
+    assert all(len(q) == 2 for q in by_image.values())
+
+
+def test_colour_pixels_are_the_grey_digit_times_its_colour(coloured):
+    cfg, root = coloured
+    digits = load_digits()
+    grids = json.loads((root / "val_grids.json").read_text())
+    colours = json.loads((root / "val_colours.json").read_text())
+    image = next(iter(grids))
+    pixels = np.asarray(Image.open(root / image))
+    assert pixels.shape == (cfg.image_size, cfg.image_size, 3)
+    cell = cfg.grid_size + 1  # row 2, column 2
+    grey = np.round(digits.images[grids[image][cell]] * 255 / 16)
+    rgb = np.asarray(COLOURS[list(COLOURS)[colours[image][cell]]], dtype=np.float64)
+    assert np.array_equal(pixels[8:16, 8:16], np.round(grey[..., None] * rgb / 255).astype(np.uint8))
+
+
+def test_demo_tokenizer_knows_the_colour_words(coloured):
+    from lightning_lvp.data.tokenizer import build_tiny_tokenizer
+
+    _, root = coloured
     tok = build_tiny_tokenizer()
     for e in json.loads((root / "train.json").read_text()):
         text = " ".join(t["value"] for t in e["conversations"])

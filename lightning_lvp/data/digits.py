@@ -7,6 +7,12 @@ of the image, so the answer cannot be read off the image without the question:
 - ``cell``: "What digit is in r3c5?" -> "r3c5 7" (the cell in row 3, column 5; 1 patch matters).
 - ``row_count``: "How many 7s are in row2?" -> "7s row2 1" (the ``grid_size`` patches of row 2 matter).
 - ``col_count``: "How many 7s are in column4?" -> "7s column4 0" (the patches of column 4 matter).
+- ``colour``: "What digit is red?" -> "7". With this type every digit is drawn in a colour of
+  :data:`COLOURS`; the asked colour appears exactly once in the image (the other digits use the
+  other colours), so ONE patch decides the answer and the question names its CONTENT, as in real
+  VQA ("what is the dog doing?"): the patch that matters is found by what it shows, not by where
+  it is (docs/RESULTS.md: a content-only decision module cannot find a cell by its name when the
+  vision features carry no position; it can find a colour).
 
 A cell, row or column is named by ONE token (``r3c5``, ``row2``) and the short reply restates it
 right before the answer, because a tiny LLaVA trained from scratch behind the vicuna_v1 template
@@ -31,14 +37,28 @@ from PIL import Image
 
 log = logging.getLogger(__name__)
 
-QUESTION_TYPES = ("cell", "row_count", "col_count")
+QUESTION_TYPES = ("cell", "row_count", "col_count", "colour")
+# Digit colours of the ``colour`` question type (name -> RGB multiplier of the digit's grey level).
+COLOURS = {
+    "red": (255, 0, 0),
+    "green": (0, 255, 0),
+    "blue": (0, 96, 255),
+    "yellow": (255, 255, 0),
+    "cyan": (0, 255, 255),
+    "magenta": (255, 0, 255),
+    "white": (255, 255, 255),
+    "orange": (255, 128, 0),
+}
 MAX_GRID_SIZE = 16
-_FORMAT_VERSION = 2
+_FORMAT_VERSION = 3
 # The reply restates the named part right before the answer ("r3c5 7"): the token that predicts the
 # answer then names the cell itself, so the look-up is one attention step (docs/DATA.md, measured).
 _CELL = ("What digit is in {cell}?", "{cell} {digit}")
 _ROW = ("How many {digit}s are in row{line}?", "{digit}s row{line} {count}")
 _COL = ("How many {digit}s are in column{line}?", "{digit}s column{line} {count}")
+# No restatement: the token that predicts the answer must first read the colour from the question,
+# then find the patch (the look-up cannot finish inside the first decoder layer at that token).
+_COLOUR = ("What digit is {colour}?", "{digit}")
 
 
 @dataclass
@@ -52,8 +72,9 @@ class DigitsConfig:
         train_images: number of training images.
         val_images: number of validation images.
         questions_per_type: questions asked about each image for each question type.
-        question_types: which question types to generate (subset of ``cell``, ``row_count``, ``col_count``); the
-            count types learn far slower from scratch (docs/DATA.md), so the default is ``["cell"]``.
+        question_types: which question types to generate (subset of ``cell``, ``row_count``, ``col_count``,
+            ``colour``); the count types learn far slower from scratch (docs/DATA.md), so the default is
+            ``["cell"]``. With ``colour`` in the list every image is drawn in colour.
         val_digit_fraction: fraction of the 1,797 scikit-learn digits kept for validation images only.
         seed: seed of everything random (digit split, grids, questions).
     """
@@ -82,10 +103,21 @@ class DigitsConfig:
             raise ValueError(f"digits.question_types must be a non-empty subset of {QUESTION_TYPES}, got {unknown}")
         if self.questions_per_type < 1:
             raise ValueError(f"digits.questions_per_type must be >= 1, got {self.questions_per_type}")
+        if self.coloured and self.questions_per_type > len(COLOURS) - 2:
+            raise ValueError(
+                f"digits.questions_per_type must be <= {len(COLOURS) - 2} with the colour question type "
+                f"(each asked colour appears once, at least two colours are left for the other digits), "
+                f"got {self.questions_per_type}"
+            )
         if min(self.train_images, self.val_images) < 1:
             raise ValueError("digits.train_images and digits.val_images must be >= 1")
         if not 0.0 < self.val_digit_fraction < 1.0:
             raise ValueError(f"digits.val_digit_fraction must be in (0, 1), got {self.val_digit_fraction}")
+
+    @property
+    def coloured(self) -> bool:
+        """Digits are drawn in colour (the ``colour`` question type is asked)."""
+        return "colour" in self.question_types
 
     @property
     def image_size(self) -> int:
@@ -110,7 +142,7 @@ def cell_token(row: int, col: int) -> str:
 
 def digits_vocabulary(max_grid: int = MAX_GRID_SIZE) -> list[str]:
     """Every word the question templates and answers use (for the word-level demo tokenizer)."""
-    words = ["What", "digit", "is", "in", "How", "many", "are", "?"]
+    words = ["What", "digit", "is", "in", "How", "many", "are", "?", *COLOURS]
     words += [str(i) for i in range(max_grid * max_grid + 1)]
     words += [f"{d}s" for d in range(10)]
     words += [f"{axis}{i}" for axis in ("row", "column") for i in range(1, max_grid + 1)]
@@ -133,23 +165,32 @@ def load_digit_pool(seed: int, val_fraction: float) -> tuple[np.ndarray, np.ndar
     return images, digits.target.astype(np.int64), np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
-def render_grid(images: np.ndarray, grid_indices: np.ndarray, cell_px: int) -> Image.Image:
-    """Draws digits into a grayscale grid image.
+def render_grid(
+    images: np.ndarray, grid_indices: np.ndarray, cell_px: int, colours: np.ndarray | None = None
+) -> Image.Image:
+    """Draws digits into a grid image.
 
     Args:
         images: (N, 8, 8) uint8 digit bitmaps.
         grid_indices: (G, G) indices into ``images``.
         cell_px: cell side in pixels.
+        colours: optional (G, G) indices into :data:`COLOURS` (the digit's grey level scales that RGB).
 
     Returns:
-        A mode "L" image of side G * cell_px (white digits on black, as in scikit-learn).
+        A mode "L" image of side G * cell_px (white digits on black, as in scikit-learn), or mode
+        "RGB" with ``colours``.
     """
     g = grid_indices.shape[0]
     canvas = np.zeros((g * 8, g * 8), dtype=np.uint8)
     for r in range(g):
         for c in range(g):
             canvas[r * 8 : (r + 1) * 8, c * 8 : (c + 1) * 8] = images[grid_indices[r, c]]
-    image = Image.fromarray(canvas, mode="L")
+    if colours is None:
+        image = Image.fromarray(canvas, mode="L")
+    else:
+        rgb = np.asarray(list(COLOURS.values()), dtype=np.float64)[colours]  # (G, G, 3)
+        rgb = rgb.repeat(8, 0).repeat(8, 1)  # (8G, 8G, 3) per pixel
+        image = Image.fromarray(np.round(canvas[..., None] * rgb / 255.0).astype(np.uint8), mode="RGB")
     if cell_px != 8:
         image = image.resize((g * cell_px, g * cell_px), Image.Resampling.NEAREST)
     return image
@@ -209,11 +250,42 @@ def _count_questions(labels: np.ndarray, k: int, axis: str, rng: np.random.Gener
     return out
 
 
-def make_questions(labels: np.ndarray, rng: np.random.Generator, cfg: DigitsConfig) -> list[dict]:
+def draw_colours(g: int, k: int, rng: np.random.Generator) -> tuple[np.ndarray, list[int]]:
+    """Colours of a G x G grid: ``k`` colours that appear exactly once, the other cells in the rest.
+
+    Returns:
+        colours: (G, G) indices into :data:`COLOURS`; unique: the ``k`` colour indices that appear once.
+    """
+    order = rng.permutation(len(COLOURS))
+    unique, others = order[:k], order[k:]
+    flat = others[rng.integers(len(others), size=g * g)]
+    flat[rng.choice(g * g, size=k, replace=False)] = unique
+    return flat.reshape(g, g), [int(c) for c in unique]
+
+
+def _colour_questions(labels: np.ndarray, colours: np.ndarray, unique: list[int]) -> list[dict]:
+    """One question per once-only colour: "What digit is red?" -> the digit drawn in red."""
+    names = list(COLOURS)
+    out = []
+    for c in unique:
+        (r,), (col,) = np.nonzero(colours == c)
+        question, answer = (t.format(colour=names[c], digit=labels[r, col]) for t in _COLOUR)
+        out.append(dict(type="colour", question=question, answer=answer, rows=[int(r)], cols=[int(col)]))
+    return out
+
+
+def make_questions(
+    labels: np.ndarray,
+    rng: np.random.Generator,
+    cfg: DigitsConfig,
+    colours: np.ndarray | None = None,
+    unique: list[int] | None = None,
+) -> list[dict]:
     """All questions about one grid: ``questions_per_type`` per type, answers distinct within a type.
 
     Args:
         labels: (G, G) digit classes of the grid.
+        colours, unique: the grid's colours and once-only colours (:func:`draw_colours`), for ``colour``.
 
     Returns:
         dicts with ``type``, ``question``, ``answer`` and the 0-based ``rows``/``cols`` of the cells that matter.
@@ -223,23 +295,28 @@ def make_questions(labels: np.ndarray, rng: np.random.Generator, cfg: DigitsConf
     for qtype in cfg.question_types:
         if qtype == "cell":
             out += _cell_questions(labels, k, rng, cfg)
+        elif qtype == "colour":
+            out += _colour_questions(labels, colours, unique)
         else:
             out += _count_questions(labels, k, qtype.removesuffix("_count"), rng, cfg)
     return out
 
 
 def _build_split(split: str, n_images: int, pool: np.ndarray, images: np.ndarray, labels: np.ndarray,
-                 rng: np.random.Generator, cfg: DigitsConfig, root: Path) -> tuple[list[dict], dict]:  # fmt: skip
-    """Writes the PNGs of one split under ``root/split`` and returns its entries and grids."""
+                 rng: np.random.Generator, cfg: DigitsConfig, root: Path) -> tuple[list[dict], dict, dict]:  # fmt: skip
+    """Writes the PNGs of one split under ``root/split``; returns its entries, grids and colours (or {})."""
     (root / split).mkdir(parents=True, exist_ok=True)
     g = cfg.grid_size
-    entries, grids = [], {}
+    entries, grids, colour_of = [], {}, {}
     for i in range(n_images):
         grid = pool[rng.integers(len(pool), size=(g, g))]  # (G, G) indices into the scikit-learn digits
+        colours, unique = draw_colours(g, cfg.questions_per_type, rng) if cfg.coloured else (None, None)
         rel = f"{split}/{i:06d}.png"
-        render_grid(images, grid, cfg.cell_px).save(root / rel, optimize=False)
+        render_grid(images, grid, cfg.cell_px, colours).save(root / rel, optimize=False)
         grids[rel] = grid.reshape(-1).tolist()
-        for j, q in enumerate(make_questions(labels[grid], rng, cfg)):
+        if colours is not None:
+            colour_of[rel] = colours.reshape(-1).tolist()
+        for j, q in enumerate(make_questions(labels[grid], rng, cfg, colours, unique)):
             entries.append(
                 {
                     "id": f"digits-{split}-{i:06d}-{j}",
@@ -252,11 +329,12 @@ def _build_split(split: str, n_images: int, pool: np.ndarray, images: np.ndarray
                     "relevant_patches": cell_patches(q["rows"], q["cols"], cfg),
                 }
             )
-    return entries, grids
+    return entries, grids, colour_of
 
 
 def build_digits_dataset(cfg: DigitsConfig, root: str | os.PathLike) -> None:
-    """Writes ``train.json``, ``val.json``, ``{split}_grids.json``, ``meta.json`` and the PNGs into ``root``.
+    """Writes ``train.json``, ``val.json``, ``{split}_grids.json``, ``meta.json`` and the PNGs into ``root``
+    (and ``{split}_colours.json``, the :data:`COLOURS` index of every cell, for coloured grids).
 
     Deterministic for ``cfg`` (same bytes for the same config). Train and validation grids are drawn
     from disjoint digit samples.
@@ -268,9 +346,11 @@ def build_digits_dataset(cfg: DigitsConfig, root: str | os.PathLike) -> None:
         ("train", cfg.train_images, train_pool, seeds[0]),
         ("val", cfg.val_images, val_pool, seeds[1]),
     ):
-        entries, grids = _build_split(split, n, pool, images, labels, np.random.default_rng(seq), cfg, root)
+        entries, grids, colours = _build_split(split, n, pool, images, labels, np.random.default_rng(seq), cfg, root)
         (root / f"{split}.json").write_text(json.dumps(entries, indent=0))
         (root / f"{split}_grids.json").write_text(json.dumps(grids))
+        if colours:
+            (root / f"{split}_colours.json").write_text(json.dumps(colours))
     meta = {"config": asdict(cfg), "format_version": _FORMAT_VERSION, "sklearn_digits": len(images)}
     (root / "meta.json").write_text(json.dumps(meta, indent=2))
 

@@ -50,3 +50,14 @@ def make_batch(specs: list[tuple[int, int, int]], padding: str = "left", seed: i
 
 def inputs(batch: dict) -> dict:
     return {k: batch[k] for k in ("input_ids", "pixel_values", "attention_mask", "prompt_mask")}
+
+
+def decisions_from(out, batch) -> list[torch.Tensor]:
+    """Inference-path kept patches -> (B, T) keep masks in input coordinates."""
+    vision = batch["input_ids"] == IMG
+    result = []
+    for kept in out.kept_patches:
+        d = torch.zeros_like(vision)
+        d[vision] = kept.reshape(-1)
+        result.append(d)
+    return result

@@ -1,0 +1,39 @@
+"""Exact values of the training schedules in lightning_lvp/lit_module.py: LR multiplier and Gumbel temperature."""
+
+from types import SimpleNamespace
+
+import pytest
+
+from lightning_lvp.lit_module import LVPModule, warmup_cosine
+
+
+def test_warmup_is_linear_then_cosine_to_zero():
+    assert [warmup_cosine(s, 110, 10, "cosine") for s in (0, 4, 9)] == [0.1, 0.5, 1.0]
+    assert warmup_cosine(10, 110, 10, "cosine") == 1.0  # cosine starts at 1 right after warm-up
+    assert warmup_cosine(60, 110, 10, "cosine") == pytest.approx(0.5)  # half-way: (1 + cos(pi / 2)) / 2
+    assert warmup_cosine(85, 110, 10, "cosine") == pytest.approx(0.5 * (1 + (-(2**0.5) / 2)))  # 3/4: cos(3 pi / 4)
+    assert warmup_cosine(110, 110, 10, "cosine") == pytest.approx(0.0)
+    assert warmup_cosine(500, 110, 10, "cosine") == pytest.approx(0.0)  # past the end: stays at 0
+
+
+def test_constant_schedule_and_no_warmup():
+    assert [warmup_cosine(s, 100, 4, "constant") for s in (0, 3, 4, 99)] == [0.25, 1.0, 1.0, 1.0]
+    assert warmup_cosine(0, 100, 0, "cosine") == 1.0
+
+
+def _module(tau, tau_final, step, total, with_trainer=True):
+    trainer = SimpleNamespace(estimated_stepping_batches=total) if with_trainer else None
+    hparams = SimpleNamespace(tau=tau, tau_final=tau_final)
+    return SimpleNamespace(hparams=hparams, _trainer=trainer, trainer=trainer, global_step=step)
+
+
+def test_current_tau_is_linear_from_tau_to_tau_final():
+    assert LVPModule.current_tau(_module(1.0, 0.2, 0, 100)) == 1.0
+    assert LVPModule.current_tau(_module(1.0, 0.2, 25, 100)) == pytest.approx(0.8)
+    assert LVPModule.current_tau(_module(1.0, 0.2, 100, 100)) == pytest.approx(0.2)
+    assert LVPModule.current_tau(_module(1.0, 0.2, 150, 100)) == pytest.approx(0.2)  # clamped after the end
+
+
+def test_current_tau_constant_without_tau_final_or_trainer():
+    assert LVPModule.current_tau(_module(0.7, None, 50, 100)) == 0.7
+    assert LVPModule.current_tau(_module(1.0, 0.2, 50, 100, with_trainer=False)) == 1.0

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from lightning_lvp import adapter
-from lightning_lvp.evaluate import evaluate_schedule, model_inputs
+from lightning_lvp.evaluate import RELEVANCE_KEYS, evaluate_schedule, model_inputs, relevance_columns, relevance_metrics
 from lightning_lvp.methods import ClsKneePruning, FastV, PruningMethod, RandomPruning, UniformPruning
 from lightning_lvp.model import PrunedLlava
 from lightning_lvp.plots import accuracy_vs_tflops, save_png
@@ -173,6 +173,7 @@ def evaluate_entry(llava, entry: Entry, loader, samples, num_layers: int, max_ba
         "kept_frac_final": kept[-1] if kept else 1.0,
         "kept_frac_layers": sum(fractions) / len(fractions),
         "seconds": res["seconds"],
+        **{k: res[k] for k in RELEVANCE_KEYS if k in res},  # {stage: value}, only on data with relevant patches
     }
 
 
@@ -222,17 +223,31 @@ def _cell(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
+def _last_stage(values: dict[str, float] | None) -> str:
+    """``0.85 (layer4)``: the value after a row's last stage (rows prune at different points), ``-`` if absent."""
+    if not values:
+        return "-"
+    stage, value = list(values.items())[-1]
+    return f"{value:.2f} ({stage})"
+
+
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    """The comparison as a Markdown table (accuracy in %, TFLOPs per sample, kept vision tokens)."""
+    """The comparison as a Markdown table (accuracy in %, TFLOPs per sample, kept vision tokens; on data with
+    relevant patches also the relevant-patch recall and the kept-set overlap after each row's last stage)."""
+    relevance = bool(relevance_columns(rows))
     head = "| method | schedule | accuracy | TFLOPs | FLOPs vs base | kept vision (final) | kept vision (layer mean) |"
-    lines = [head, "|---|---|---|---|---|---|---|"]
+    head += " relevant kept (final) | kept overlap (final) |" if relevance else ""
+    lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for r in rows:
         sched = _cell(r["ratios"])
-        lines.append(
+        line = (
             f"| {r['name']} | {sched} | {100 * r['accuracy']:.1f} % | {r['tflops']:.4g} | "
             f"{100 * r['flops_change']:+.1f} % | {r['kept_vision']:.1f} / {r['n_vision']:.0f} "
             f"({100 * r['kept_frac_final']:.1f} %) | {100 * r['kept_frac_layers']:.1f} % |"
         )
+        if relevance:
+            line += f" {_last_stage(r.get('relevant_kept'))} | {_last_stage(r.get('kept_overlap'))} |"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -271,10 +286,13 @@ def write_results(
         raise FileExistsError(f"{', '.join(map(str, found))} already exist; pass --overwrite to replace them")
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f for f in RESULT_FILES]
+    relevance = relevance_columns(rows)  # relevant_kept/<stage>, kept_overlap/<stage> where defined
     with open(paths[0], "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(COLUMNS)
-        writer.writerows([[_cell(r[c]) for c in COLUMNS] for r in rows])
+        writer.writerow(COLUMNS + tuple(relevance))
+        for r in rows:
+            metrics = relevance_metrics(r)
+            writer.writerow([_cell(r[c]) for c in COLUMNS] + [_cell(metrics[c]) if c in metrics else "" for c in relevance])
     paths[1].write_text(json.dumps({**meta, "rows": list(rows)}, indent=2))
     command = meta.get("command", "")
     paths[2].write_text(f"{markdown_table(rows)}\n\nCommand: `{command}`\n\n{meta.get('notes', '')}\n")

@@ -106,6 +106,29 @@ def test_run_and_write_results(tiny, tmp_path):
     with pytest.raises(FileExistsError, match="--overwrite"):
         write_results(rows, tmp_path / "out", {})
     write_results(rows, tmp_path / "out", {}, overwrite=True)
+    # no relevant patches in these batches: the relevance metrics are absent (not zero), and so are their columns
+    assert not any("relevant_kept" in r or "kept_overlap" in r for r in rows)
+    assert "relevant kept" not in paths[2].read_text()
+
+
+def test_relevance_columns_in_the_result_files(tiny, tmp_path):
+    llava, lvp = tiny
+    rows = run_comparison(llava, lvp, labelled_batches(n_batches=1), fastv_k=1, flops_samples=0)
+    by = {r["name"]: r for r in rows}
+    by["lvp_rho0.5"].update(relevant_kept={"layer1": 1.0, "layer2": 0.75, "layer3": 0.5}, kept_overlap={"layer1": 0.9})
+    by["fastv"].update(relevant_kept={"layer1": 0.25})
+    paths = write_results(rows, tmp_path / "out", {})
+    with open(paths[0]) as f:
+        table = {r["name"]: r for r in csv.DictReader(f)}
+    assert tuple(table["base"])[len(COLUMNS) :] == (
+        "relevant_kept/layer1", "relevant_kept/layer2", "relevant_kept/layer3", "kept_overlap/layer1",
+    )  # fmt: skip
+    assert table["lvp_rho0.5"]["relevant_kept/layer3"] == "0.5" and table["fastv"]["relevant_kept/layer1"] == "0.25"
+    assert table["base"]["relevant_kept/layer1"] == ""  # absent, not 0
+    md = paths[2].read_text()
+    assert "| relevant kept (final) | kept overlap (final) |" in md
+    assert "| 0.50 (layer3) | 0.90 (layer1) |" in md and "| 0.25 (layer1) | - |" in md
+    assert json.loads(paths[1].read_text())["rows"][2]["relevant_kept"]["layer2"] == 0.75
 
 
 @pytest.mark.slow
@@ -135,7 +158,9 @@ def test_compare_command_end_to_end(tmp_path):
     assert compare_command(argv) == 0
     with open(tmp_path / "out" / "comparison.csv") as f:
         rows = list(csv.DictReader(f))
-    assert tuple(rows[0]) == COLUMNS
+    assert tuple(rows[0])[: len(COLUMNS)] == COLUMNS
+    assert "relevant_kept/layer3" in rows[0] and rows[0]["relevant_kept/layer3"] == ""  # digits: relevant patches
+    assert 0.0 <= float(rows[2]["relevant_kept/layer3"]) <= 1.0  # lvp_rho0.5; the unpruned base: absent
     assert [r["name"] for r in rows] == [
         "base",
         "lvp_rho0.6",

@@ -13,7 +13,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning_lvp import adapter
 from lightning_lvp.curriculum import TokenDropCurriculum
 from lightning_lvp.decision import ratio_loss
-from lightning_lvp.evaluate import model_inputs, per_sample_exact_match
+from lightning_lvp.evaluate import model_inputs, per_sample_exact_match, stage_name
 from lightning_lvp.io import method_spec
 from lightning_lvp.methods.base import PruningMethod
 from lightning_lvp.model import PrunedLlava
@@ -134,7 +134,7 @@ class LVPModule(L.LightningModule):
     @property
     def stage_names(self) -> list[str]:
         """Metric suffix per stage: ``layer<l>`` (after LLM layer l), ``input`` for after_layer 0."""
-        return [f"layer{layer}" if layer else "input" for layer in self.method.after_layers] if self.method else []
+        return [stage_name(layer) for layer in self.method.after_layers] if self.method else []
 
     # ------------------------------------------------------------------------------------ steps
     def current_tau(self) -> float:

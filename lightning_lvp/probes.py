@@ -23,7 +23,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +151,13 @@ def token_stream(
         yield pack_tokens(state, hidden[depth], batch.get("relevant_mask"))
 
 
+def with_position_codes(tokens: Tokens, codes: torch.Tensor) -> Tokens:
+    """Adds a fixed code per patch index to the vision states (``codes``: (N, D)): an ORACLE position signal,
+    to test the module itself where the base's features carry no position."""
+    add = codes.to(tokens.vision)[tokens.patch.clamp(min=0)] * tokens.vision_valid[..., None]
+    return replace(tokens, vision=tokens.vision + add)
+
+
 def score_relevance(module: DecisionModule, tokens: Iterable[Tokens], k: int) -> dict[str, float]:
     """Top-k recall of the module's ranking (samples with relevant patches only).
 
@@ -235,6 +242,8 @@ class RelevanceProbeArgs:
         input_norm: LayerNorm on the LLM hidden states first.
         eval_batches: validation batches scored.
         eval_every: also score every this many steps (0 = only at the end).
+        oracle_position: add a fixed random code per patch index to the vision states the module reads
+            (:func:`with_position_codes`; not a property of the base).
         seed: seed of the module's initialisation and of the training-batch order.
     """
 
@@ -251,6 +260,7 @@ class RelevanceProbeArgs:
     input_norm: bool = False
     eval_batches: int = 4
     eval_every: int = 0
+    oracle_position: bool = False
     seed: int = 0
 
 
@@ -273,11 +283,19 @@ def relevance_probe(
         model.dims.hidden_size, args.dim, args.num_blocks, args.num_heads, args.ffn_mult, args.input_norm
     ).to(device)
     t0 = time.perf_counter()
+    codes = None
+    if args.oracle_position:
+        n_max = adapter.vision_dims(model.llava.config).tokens_per_image
+        codes = torch.randn(n_max, model.dims.hidden_size, generator=torch.Generator().manual_seed(args.seed))
+
+    def stream(loader, max_batches=None) -> Iterator[Tokens]:
+        for t in token_stream(model, loader, args.depth, max_batches):
+            yield t if codes is None else with_position_codes(t, codes)
 
     def evaluate() -> dict[str, float]:
-        return score_relevance(module, token_stream(model, val_loader, args.depth, args.eval_batches), args.k)
+        return score_relevance(module, stream(val_loader, args.eval_batches), args.k)
 
-    train = token_stream(model, batches(train_loader), args.depth)
+    train = stream(batches(train_loader))
     losses, history = train_relevance(
         module, train, args.steps, args.lr, args.weight_decay, args.pos_weight, evaluate, args.eval_every
     )
@@ -464,6 +482,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="LayerNorm on the LLM hidden states before the module (default: the method's, else off)")
     rel.add_argument("--eval_batches", type=int, default=4, help="validation batches scored")
     rel.add_argument("--eval_every", type=int, default=0, help="also score every N steps (0: only at the end)")
+    rel.add_argument("--oracle_position", action="store_true",
+                     help="add a fixed random code per patch index to the module's vision input (tests the module)")
     pos = sub.add_parser("position", help="linear classifier of the patch index from vision hidden states")
     _common(pos)
     pos.add_argument("--layers", type=int, nargs="+", default=[0, 1], help="depths: 0 = LLM input, l = after LLM layer l")
@@ -496,6 +516,7 @@ def relevance_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
             input_norm=args.input_norm if args.input_norm is not None else arch.get("input_norm", False),
             eval_batches=args.eval_batches,
             eval_every=args.eval_every,
+            oracle_position=args.oracle_position,
             seed=args.seed,
         )
         torch.manual_seed(args.seed)  # training-batch order

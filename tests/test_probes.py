@@ -24,6 +24,7 @@ from lightning_lvp.probes import (
     score_relevance,
     topk_recall,
     train_relevance,
+    with_position_codes,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,6 +72,14 @@ def test_relevance_probe_learns_a_question_dependent_synthetic_case():
     after = score_relevance(module, val, k=1)
     assert after["recall"] >= 0.95 and after["all_in_topk"] == after["recall"]  # one relevant patch each
     assert losses[-1] < 0.25 * losses[0]
+
+
+def test_position_codes_are_added_by_patch_index():
+    t = tokens(torch.zeros(1, 3, 2), torch.zeros(1, 3, dtype=torch.bool))
+    t.patch[:] = torch.tensor([[-1, 0, 2]])  # a filler slot, then patches 0 and 2
+    t.vision_valid[0, 0] = False
+    codes = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+    assert with_position_codes(t, codes).vision.tolist() == [[[0.0, 0.0], [1.0, 2.0], [5.0, 6.0]]]
 
 
 def test_score_relevance_without_relevant_patches_is_an_error():

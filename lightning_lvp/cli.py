@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from pathlib import Path
 
 EXTRA_COMMANDS = {
     "flops": ("lightning_lvp.flops", "flops_command", "count FLOPs per inference schedule (meta device)"),
@@ -28,7 +29,52 @@ def _cli_class():
         def add_arguments_to_parser(self, parser) -> None:
             parser.link_arguments("model.init_args.model_path", "data.init_args.processor_path")
 
+        def _parse_ckpt_path(self) -> None:
+            """``--ckpt_path last`` -> the last checkpoint of the run being resumed (or a loud error), and an
+            unreadable checkpoint -> an error naming it, before LightningCLI reads its hyperparameters."""
+            from lightning_lvp.checkpoint import load_checkpoint_file
+
+            sub = self.config.get("subcommand")
+            if sub and self.config[sub].get("ckpt_path") == "last":
+                self.config[sub].ckpt_path = str(resolve_last_checkpoint(self.config[sub]))
+                print(f"--ckpt_path last: resuming from {self.config[sub].ckpt_path}")
+            if sub and self.config[sub].get("ckpt_path"):
+                load_checkpoint_file(self.config[sub].ckpt_path, weights_only=True)  # raises naming the file
+            super()._parse_ckpt_path()
+
     return LVPCLI
+
+
+def resolve_last_checkpoint(config) -> Path:
+    """The ``last.ckpt`` that ``--ckpt_path last`` means for a parsed ``fit`` config: in the
+    ModelCheckpoint ``dirpath`` if the config sets one, else in the newest ``version_N`` of the logger's
+    ``save_dir/name`` (the default root's ``lightning_logs`` without a logger) that has one.
+
+    Raises:
+        FileNotFoundError: no such checkpoint (Lightning would silently start from scratch).
+    """
+    from lightning_lvp.checkpoint import find_last_checkpoint
+
+    trainer = config.trainer
+    for callback in trainer.get("callbacks") or []:
+        args = callback.get("init_args") if hasattr(callback, "get") else None
+        if str(callback.get("class_path", "")).endswith("ModelCheckpoint") and args and args.get("dirpath"):
+            folder = Path(args.dirpath)
+            return find_last_checkpoint([folder], f"ModelCheckpoint dirpath {folder}")
+    root = Path(trainer.get("default_root_dir") or os.getcwd())
+    logger = trainer.get("logger")
+    if logger is False:  # no logger: ModelCheckpoint writes into <default_root_dir>/checkpoints
+        return find_last_checkpoint([root], f"trainer.default_root_dir {root}")
+    if logger is None or logger is True:
+        base = root / "lightning_logs"
+    else:
+        loggers = logger if isinstance(logger, list) else [logger]
+        args = loggers[0].get("init_args") or {}
+        base = Path(args.get("save_dir") or root) / str(args.get("name") or "lightning_logs")
+        if args.get("version") is not None:
+            version = args.version if str(args.version).startswith("version_") else f"version_{args.version}"
+            return find_last_checkpoint([base / str(version)], f"the logger's version folder {base / str(version)}")
+    return find_last_checkpoint(sorted(base.glob("version_*")), f"{base}")
 
 
 def parse_config(args: list[str]):

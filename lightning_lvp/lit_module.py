@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from typing import Any, Literal
@@ -83,6 +84,7 @@ class LVPModule(L.LightningModule):
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["method", "optimizer"])
+        self._record_config(method)
         self._validate(method)
         self.config = adapter.load_config(model_path)
         self.method = method
@@ -97,6 +99,23 @@ class LVPModule(L.LightningModule):
             self.curriculum = TokenDropCurriculum(
                 max_n=int(self.config.image_seq_length), start_n=curriculum_start, window=curriculum_window
             )
+
+    def _record_config(self, method: PruningMethod | None) -> None:
+        """Stores ``method`` and ``optimizer`` as configs (class_path/init_args) in ``hparams``.
+
+        ``fit --ckpt_path`` in LightningCLI 2.6 re-parses the model's init args from the checkpoint's
+        ``hyper_parameters`` (``LightningCLI._parse_ckpt_path``), so they must hold the WHOLE model config:
+        without ``method`` the resumed run failed with "model.method is required", without ``optimizer``
+        AdamW fell back to its defaults. Built by the CLI, the configs it gave are kept as they are;
+        built in Python, the method is described by :func:`method_spec` (the optimizer, a callable, is not).
+        """
+        from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters  # set by LightningCLI
+
+        given = _given_hyperparameters.get() or {}
+        self.hparams["method"] = given.get("method", method_spec(method) if method is not None else None)
+        if "optimizer" in given:
+            self.hparams["optimizer"] = given["optimizer"]
+        self._hparams_initial = copy.deepcopy(self._hparams)
 
     def _validate(self, method: PruningMethod | None) -> None:
         hp = self.hparams
@@ -203,15 +222,71 @@ class LVPModule(L.LightningModule):
             raise ValueError("no trainable parameters: is model.method set?")
         optimizer = self.optimizer_fn(params)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = int(self.hparams.warmup_ratio * total)
+        warmup = max(1, round(self.hparams.warmup_ratio * total)) if self.hparams.warmup_ratio > 0 else 0  # >= 1 step
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, total, warmup, self.hparams.lr_schedule)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
+    # ------------------------------------------------------------------- run set-up and resume state
+    def setup(self, stage: str) -> None:
+        """Checkpoints are written atomically (a kill during a save never destroys ``last.ckpt``) and an
+        unreadable one fails naming the file: :class:`~lightning_lvp.checkpoint.AtomicCheckpointIO`
+        replaces the strategy's default ``TorchCheckpointIO`` (a plugin the user chose is kept)."""
+        from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+        from lightning_lvp.checkpoint import AtomicCheckpointIO
+
+        strategy = self.trainer.strategy
+        if type(getattr(strategy, "checkpoint_io", None)) is TorchCheckpointIO:
+            strategy.checkpoint_io = AtomicCheckpointIO()
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """Always on: the bad-sample report (:class:`~lightning_lvp.data.skips.SkipReport`); for a
+        step-based run, a progress bar counting steps instead of ``Epoch 0/-2``."""
+        from lightning.pytorch.callbacks import RichProgressBar
+
+        from lightning_lvp.data.skips import SkipReport
+        from lightning_lvp.progress import StepProgressBar, step_based
+
+        callbacks: list[L.Callback] = [SkipReport()]
+        bar = self.trainer.progress_bar_callback
+        if type(bar) is RichProgressBar and step_based(self.trainer):
+            callbacks.append(StepProgressBar(leave=bar._leave, theme=bar.theme, console_kwargs=bar._console_kwargs))
+        return callbacks
+
+    def on_validation_epoch_start(self) -> None:
+        """Validation draws Gumbel noise (``forward_train``) from the global RNG: it runs on a copy of the
+        RNG state, so training continues with the same noise whether or not (and how often) it validated,
+        and a resumed run matches an uninterrupted one."""
+        from lightning_lvp.checkpoint import rng_states
+
+        self._rng_outside_validation = rng_states()
+
+    def on_validation_epoch_end(self) -> None:
+        from lightning_lvp.checkpoint import set_rng_states
+
+        states, self._rng_outside_validation = getattr(self, "_rng_outside_validation", None), None
+        if states is not None:
+            set_rng_states(states)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """First batch after a resume: the RNG states of the moment the checkpoint was saved (the data order
+        comes from the data module's own generators; this restores the Gumbel noise and dropout)."""
+        states, self._rng_to_restore = getattr(self, "_rng_to_restore", None), None
+        if states is not None:
+            from lightning_lvp.checkpoint import set_rng_states
+
+            set_rng_states(states)
+
     # ------------------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Pruner (and loop/optimizer) state only: never a copy of the frozen LLaVA."""
+        """Pruner (and loop/optimizer) state only: never a copy of the frozen LLaVA; plus the RNG states
+        (those of training when saved during validation) for an exact resume."""
+        from lightning_lvp.checkpoint import rng_states
+
+        outside = getattr(self, "_rng_outside_validation", None)
+        checkpoint["rng_states"] = outside or rng_states()
         if not self.hparams.train_base:
             sd = checkpoint["state_dict"]
             for key in [k for k in sd if k.startswith("model.llava.")]:
@@ -227,6 +302,7 @@ class LVPModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.curriculum is not None and "curriculum" in checkpoint:
             self.curriculum.load_state_dict(checkpoint["curriculum"])
+        self._rng_to_restore = checkpoint.get("rng_states")  # applied at the next training batch
 
     def on_fit_end(self) -> None:
         if self.hparams.train_base and self.hparams.save_base_to and self.trainer.is_global_zero:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -51,11 +53,11 @@ class LlavaCollator:
         Returns:
             ``input_ids`` / ``attention_mask`` / ``labels``: Long (B, T); ``pixel_values``: (B, 3, H, W);
             ``vision_mask`` / ``prompt_mask`` (and ``relevant_mask`` when the samples carry it): Bool (B, T);
-            ``ids`` / ``answers`` / ``question_types`` / ``images``: list[str]; ``skipped``: Counter of reasons, only
-            when some samples were skipped. ``labels`` is absent for prompt-only samples. An empty batch
-            (every sample skipped) has only ``skipped``.
+            ``ids`` / ``answers`` / ``question_types`` / ``images``: list[str]; ``skipped``: the :class:`Skipped`
+            records (id, file, reason), only when some samples were skipped. ``labels`` is absent for
+            prompt-only samples. An empty batch (every sample skipped) has only ``skipped``.
         """
-        skipped = Counter(s.reason for s in samples if isinstance(s, Skipped))
+        skipped = [s for s in samples if isinstance(s, Skipped)]
         kept = [s for s in samples if not isinstance(s, Skipped)]
         batch: dict = {SKIPPED_KEY: skipped} if skipped else {}
         if not kept:
@@ -79,37 +81,144 @@ class LlavaCollator:
         return batch
 
 
+@dataclass
+class SkipTally:
+    """The load-time skips of one split, shared by its loader, the loader's copies and the data module.
+
+    Attributes:
+        split: ``train``, ``val`` or ``predict``.
+        total: skips per reason over every epoch.
+        epoch: skips per reason in the current (or last) pass over the loader.
+        records: every skipped sample not yet written out, as ``{"split", "id", "file", "reason"}``
+            (:class:`lightning_lvp.data.skips.SkipReport` drains it into the run's JSONL file).
+    """
+
+    split: str = "train"
+    total: Counter = field(default_factory=Counter)
+    epoch: Counter = field(default_factory=Counter)
+    records: list[dict] = field(default_factory=list)
+
+    def add(self, skipped: list[Skipped]) -> None:
+        """Counts skipped samples and keeps their records."""
+        reasons = Counter(s.reason for s in skipped)
+        self.epoch.update(reasons)
+        self.total.update(reasons)
+        self.records += [{"split": self.split, "id": s.id, "file": s.file, "reason": s.reason} for s in skipped]
+
+
+class _SkipFirst:
+    """An index sampler without its first ``count`` batches; ``len`` stays the full epoch's (Lightning
+    counts a resumed epoch's batches from the checkpoint's position)."""
+
+    def __init__(self, sampler: Iterable, count: int) -> None:
+        self.sampler, self.count = sampler, count
+
+    def __iter__(self) -> Iterator:
+        return itertools.islice(iter(self.sampler), self.count, None)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
 class SkipCountingLoader(DataLoader):
-    """A DataLoader that removes the ``skipped`` counts from each batch, sums them over the epoch,
-    drops batches whose samples were all skipped, and logs the counts per reason when the epoch ends.
+    """A DataLoader that removes the skipped samples from each batch, counts them per reason (per epoch
+    and in total) with their ids and files, drops batches whose samples were all skipped, and can resume
+    in the middle of an epoch.
+
+    Skips are REPORTED by the :class:`lightning_lvp.data.skips.SkipReport` callback at every train and
+    validation epoch end (Lightning stops one batch short of exhausting a loader, so the loader itself
+    cannot); a loader iterated to its end outside Lightning also logs them.
+
+    Resuming (Lightning's stateful-loader protocol, ``state_dict`` / ``load_state_dict``): the state is the
+    position in the epoch (batches taken from the index sampler) and the state of ``generator`` when the
+    epoch started; the resumed epoch restores it, so a shuffled order is drawn again exactly, and skips
+    the batches already trained on without loading them. Give a ``generator`` for a shuffled loader: the
+    global RNG would be consumed differently by a resumed run.
 
     Args:
         *args: passed to ``DataLoader``.
-        split: name used in the end-of-epoch report (``train``, ``val``, ...).
-        skip_counter: Counter that accumulates the skips of every epoch (shared with the owner, and with the
-            copies Lightning makes of the loader, e.g. to insert a DistributedSampler).
+        split: name used in reports (``train``, ``val``, ...).
+        skip_counter: Counter accumulating the skips of every epoch (kept for callers that only want totals).
+        tally: the :class:`SkipTally` to record into (shared with the owner, and with the copies Lightning
+            makes of the loader, e.g. to insert a DistributedSampler); made from ``split`` and
+            ``skip_counter`` when not given.
         **kwargs: passed to ``DataLoader``.
     """
 
-    def __init__(self, *args, split: str = "train", skip_counter: Counter | None = None, **kwargs) -> None:
+    def __init__(
+        self,
+        *args,
+        split: str = "train",
+        skip_counter: Counter | None = None,
+        tally: SkipTally | None = None,
+        **kwargs,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.split = split
-        self.skip_counter = skip_counter if skip_counter is not None else Counter()
-        self.epoch_skips: Counter = Counter()
+        self.tally = tally if tally is not None else SkipTally(split, skip_counter if skip_counter is not None else Counter())
+        self._position = 0  # batches taken from the index sampler in the current epoch (skipped ones included)
+        self._epoch_rng: torch.Tensor | None = None  # generator state when the current epoch started
+        self._finished = False
+        self._resume: dict | None = None
+        self._skip_now = 0
+
+    @property
+    def skip_counter(self) -> Counter:
+        """Skips per reason over every epoch."""
+        return self.tally.total
+
+    @property
+    def epoch_skips(self) -> Counter:
+        """Skips per reason in the current (or last) epoch."""
+        return self.tally.epoch
+
+    @property
+    def _index_sampler(self):  # DataLoader reads it when an epoch's iterator is made (or reset)
+        sampler = super()._index_sampler
+        return _SkipFirst(sampler, self._skip_now) if self._skip_now else sampler
+
+    def state_dict(self) -> dict:
+        """Where the current epoch stands (Lightning stores it in the checkpoint's loop state)."""
+        generator = self.generator.get_state() if self.generator is not None else None
+        started = self._epoch_rng if not self._finished else generator
+        return {
+            "position": 0 if self._finished else self._position,
+            "generator": started,
+            "epoch_skips": dict(self.tally.epoch),
+            "total_skips": dict(self.tally.total),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Makes the next epoch continue at ``state``'s position."""
+        self._resume = dict(state)
+        self.tally.total.clear()
+        self.tally.total.update(state.get("total_skips", {}))
 
     def __iter__(self) -> Iterator[dict]:
-        self.epoch_skips = Counter()
-        for batch in super().__iter__():
+        resume, self._resume = self._resume, None
+        if resume is not None and self.generator is not None and resume.get("generator") is not None:
+            self.generator.set_state(resume["generator"])
+        self._epoch_rng = self.generator.get_state() if self.generator is not None else None
+        self._position = self._skip_now = resume["position"] if resume else 0
+        self._finished = False
+        self.tally.epoch.clear()
+        self.tally.epoch.update(resume.get("epoch_skips", {}) if resume else {})
+        try:
+            batches = super().__iter__()  # makes the index iterator now, without the skipped batches
+        finally:
+            self._skip_now = 0
+        for batch in batches:
+            self._position += 1
             skipped = batch.pop(SKIPPED_KEY, None)
             if skipped:
-                self.epoch_skips.update(skipped)
-                self.skip_counter.update(skipped)
+                self.tally.add(skipped)
             if "input_ids" in batch:
                 yield batch
-        if self.epoch_skips:
-            reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.epoch_skips.items()))
+        self._finished = True
+        if self.tally.epoch:
+            reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.tally.epoch.items()))
             log.warning(
-                "%s: skipped %d bad samples this epoch (%s)", self.split, sum(self.epoch_skips.values()), reasons
+                "%s: skipped %d bad samples this epoch (%s)", self.split, sum(self.tally.epoch.values()), reasons
             )
 
 

@@ -15,9 +15,10 @@ import torch
 from torch.utils.data import Sampler
 from transformers import AutoProcessor, ProcessorMixin
 
-from lightning_lvp.data.collate import LlavaCollator, SkipCountingLoader
+from lightning_lvp.data.collate import LlavaCollator, SkipCountingLoader, SkipTally
 from lightning_lvp.data.digits import DigitsConfig, ensure_digits_dataset
 from lightning_lvp.data.llava_dataset import (
+    DEFAULT_MAX_IMAGE_PIXELS,
     POLICIES,
     FilterReport,
     LlavaDataset,
@@ -79,7 +80,11 @@ class LlavaDataModule(L.LightningDataModule):
         group_by_length: batch samples of similar length together (training only).
         bad_samples: "raise" a clear error naming the entry id and file, or "skip" bad entries and count them.
         pad_to_square: pad images to a square with the image processor's mean colour (LLaVA-1.5) before processing.
-        seed: seed of the held-out split and the length-grouped shuffle.
+        max_image_pixels: images with more pixels (width x height, read from the file header before decoding)
+            are bad samples ("image_too_large": an error, or a counted skip); guards against decompression
+            bombs. None = no limit.
+        seed: seed of the held-out split, the training shuffle (a function of seed and epoch, restored exactly on
+            resume) and the length-grouped shuffle.
         pin_memory: pin batches in page-locked memory (faster host-to-GPU copies).
     """
 
@@ -101,6 +106,7 @@ class LlavaDataModule(L.LightningDataModule):
         group_by_length: bool = False,
         bad_samples: Literal["raise", "skip"] = "raise",
         pad_to_square: bool = True,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
         seed: int = 0,
         pin_memory: bool = False,
     ) -> None:
@@ -118,12 +124,14 @@ class LlavaDataModule(L.LightningDataModule):
         self.num_workers, self.max_length = num_workers, max_length
         self.padding_side, self.group_by_length = padding_side, group_by_length
         self.bad_samples, self.pad_to_square, self.seed, self.pin_memory = bad_samples, pad_to_square, seed, pin_memory
+        self.max_image_pixels = max_image_pixels
         self._validate()
         self.processor: ProcessorMixin | None = None
         self.train_set: LlavaDataset | None = None
         self.val_set: LlavaDataset | None = None
         self.filter_reports: list[FilterReport] = []
-        self.skips: dict[str, Counter] = {"train": Counter(), "val": Counter(), "predict": Counter()}
+        self.tallies: dict[str, SkipTally] = {split: SkipTally(split) for split in ("train", "val", "predict")}
+        self.skips: dict[str, Counter] = {split: tally.total for split, tally in self.tallies.items()}
         if num_workers > 0:
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the tokenizer runs in forked workers
 
@@ -146,6 +154,8 @@ class LlavaDataModule(L.LightningDataModule):
             raise ValueError(f"data.padding_side must be 'right' or 'left', got {self.padding_side!r}")
         if self.bad_samples not in POLICIES:
             raise ValueError(f"data.bad_samples must be one of {POLICIES}, got {self.bad_samples!r}")
+        if self.max_image_pixels is not None and self.max_image_pixels < 1:
+            raise ValueError(f"data.max_image_pixels must be >= 1 or null (no limit), got {self.max_image_pixels}")
 
     @property
     def digits_folder(self) -> Path:
@@ -190,7 +200,8 @@ class LlavaDataModule(L.LightningDataModule):
         """Loads and filters one JSON file, logging (and keeping) its filter report."""
         entries, report = filter_entries(load_entries(path), source=str(path), policy=self.bad_samples)
         self.filter_reports.append(report)
-        log.info("%s", report.summary())
+        # WARNING: shown by the CLI and plain scripts alike (INFO is not); the ids go to skipped_entries.jsonl
+        log.log(logging.WARNING if report.dropped else logging.INFO, "%s", report.summary())
         return entries
 
     def _split_entries(self) -> tuple[list[dict], list[dict], list[str]]:
@@ -227,13 +238,34 @@ class LlavaDataModule(L.LightningDataModule):
             self._check_digits_fit(processor)
         self.filter_reports = []
         train, val, folders = self._split_entries()
-        common = dict(image_folders=folders, processor=processor, max_length=self.max_length, policy=self.bad_samples)
+        common = dict(
+            image_folders=folders,
+            processor=processor,
+            max_length=self.max_length,
+            policy=self.bad_samples,
+            max_image_pixels=self.max_image_pixels,
+        )
         self.train_set = LlavaDataset(train, pad_to_square=self.pad_to_square, **common)
         self.val_set = LlavaDataset(val, pad_to_square=self.pad_to_square, **common)
         self.predict_set = LlavaDataset(val, pad_to_square=self.pad_to_square, prompt_only=True, **common)
 
+    def pad_token_id(self) -> int:
+        """The tokenizer's pad id; a clear error naming the file to fix when it has none."""
+        tokenizer = self.load_processor().tokenizer
+        if tokenizer.pad_token_id is None:
+            raise ValueError(
+                f"the tokenizer in data.processor_path={self.processor_path} has no pad token: set \"pad_token\" in "
+                f"{Path(self.processor_path) / 'tokenizer_config.json'} (LLaVA-1.5 uses \"<pad>\"), or add one with "
+                "tokenizer.add_special_tokens({'pad_token': '<pad>'}) and save_pretrained"
+            )
+        return int(tokenizer.pad_token_id)
+
     def _loader(self, dataset: LlavaDataset, split: str, train: bool, padding_side: str) -> SkipCountingLoader:
-        """A DataLoader with the contract's collate function and skip counting."""
+        """A DataLoader with the contract's collate function, skip counting and an exact resume position.
+
+        Every loader draws from its own generator seeded by ``data.seed`` (the shuffle order and the worker
+        seeds), never from the global RNG, so a resumed run sees the same data and the same model noise.
+        """
         sampler = None
         if train and self.group_by_length:
             sampler = LengthGroupedSampler(dataset.approximate_lengths(), self.batch_size, seed=self.seed)
@@ -243,11 +275,12 @@ class LlavaDataModule(L.LightningDataModule):
             shuffle=train and sampler is None,
             sampler=sampler,
             num_workers=self.num_workers,
-            collate_fn=LlavaCollator(self.load_processor().tokenizer.pad_token_id, padding_side),
+            collate_fn=LlavaCollator(self.pad_token_id(), padding_side),
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.seed),
             split=split,
-            skip_counter=self.skips[split],
+            tally=self.tallies[split],
         )
 
     def train_dataloader(self) -> SkipCountingLoader:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -42,6 +43,9 @@ log = logging.getLogger(__name__)
 
 Policy = Literal["raise", "skip"]
 POLICIES = ("raise", "skip")
+# 50 megapixels (150 MB as decoded RGB): above any LLaVA-1.5 training image, well below PIL's own
+# decompression-bomb error (2 x Image.MAX_IMAGE_PIXELS = 179 Mpx), which would come after the decode.
+DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
 
 
 class BadSampleError(ValueError):
@@ -50,11 +54,13 @@ class BadSampleError(ValueError):
     Args:
         message: what is wrong, with the entry id and the file.
         reason: short reason code the skip counters use (``missing_image``, ``image_truncated``, ...).
+        file: the file at fault (the image, or the JSON for setup-time problems), for skip records.
     """
 
-    def __init__(self, message: str, reason: str = "bad_sample") -> None:
+    def __init__(self, message: str, reason: str = "bad_sample", file: str = "") -> None:
         super().__init__(message)
         self.reason = reason
+        self.file = file
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,7 @@ class Skipped:
 
     id: str
     reason: str
+    file: str = ""
 
 
 @dataclass
@@ -74,12 +81,20 @@ class FilterReport:
         total: entries in the file.
         kept: entries kept.
         dropped: dropped entries per reason (``text_only`` is expected filtering, the rest is bad input).
+        entries: every dropped entry as ``{"index", "id", "file", "reason"}`` (written to the run's
+            ``skipped_entries.jsonl`` by :class:`lightning_lvp.data.skips.SkipReport`).
     """
 
     source: str
     total: int = 0
     kept: int = 0
     dropped: Counter = field(default_factory=Counter)
+    entries: list[dict] = field(default_factory=list)
+
+    @property
+    def bad(self) -> int:
+        """Entries dropped as bad input (everything but ``text_only``)."""
+        return sum(n for reason, n in self.dropped.items() if reason != "text_only")
 
     def summary(self) -> str:
         """One line: ``file: kept K of N; dropped D (reason=n, ...)``."""
@@ -170,12 +185,15 @@ def filter_entries(entries: list, source: str, policy: Policy = "raise") -> tupl
         if reason is None:
             kept.append(entry)
             continue
+        entry_id = entry.get("id", "?") if isinstance(entry, dict) else "?"
         if reason != "text_only" and policy == "raise":
-            entry_id = entry.get("id", "?") if isinstance(entry, dict) else "?"
             raise BadSampleError(
-                f"{source}: entry {index} (id {entry_id!r}): {reason}; use the skip policy to drop such entries", reason
+                f"{source}: entry {index} (id {entry_id!r}): {reason}; use the skip policy to drop such entries",
+                reason,
+                source,
             )
         report.dropped[reason] += 1
+        report.entries.append({"index": index, "id": str(entry_id), "file": source, "reason": reason})
     report.kept = len(kept)
     return kept, report
 
@@ -189,20 +207,143 @@ def resolve_image(relative: str, folders: list[str]) -> Path:
     return Path(folders[0]) / relative if folders else Path(relative)
 
 
-def open_rgb(path: Path) -> Image.Image:
+class ImageTooLargeError(ValueError):
+    """An image has more pixels than allowed (checked from the file header, before decoding)."""
+
+
+def open_rgb(path: Path, max_pixels: int | None = None) -> Image.Image:
     """Decodes an image fully and converts it to RGB (grayscale, palette, CMYK; alpha over white).
+
+    Args:
+        path: the image file.
+        max_pixels: refuse images with more than this many pixels (width x height) BEFORE decoding them.
 
     Raises:
         FileNotFoundError: no such file.
+        ImageTooLargeError: more than ``max_pixels`` pixels, or over PIL's decompression-bomb limit.
         OSError: unreadable or truncated file (PIL's errors).
     """
-    with Image.open(path) as image:
+    try:
+        opened = Image.open(path)  # reads the header only
+    except Image.DecompressionBombError as e:
+        raise ImageTooLargeError(f"{e} (PIL.Image.MAX_IMAGE_PIXELS)") from None
+    with opened as image:
+        width, height = image.size
+        if max_pixels is not None and width * height > max_pixels:
+            raise ImageTooLargeError(
+                f"{width} x {height} = {width * height} pixels > data.max_image_pixels={max_pixels} "
+                "(raise the limit if the image is genuine)"
+            )
         image.load()  # decode now, so a truncated file fails here and not later
         if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
             rgba = image.convert("RGBA")
             background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
             return Image.alpha_composite(background, rgba).convert("RGB")
         return image.convert("RGB")
+
+
+def _size_field(size: object, name: str) -> int | None:
+    """``size[name]`` of an image processor's size (a dict or a transformers ``SizeDict``), or None."""
+    value = size.get(name) if isinstance(size, dict) else getattr(size, name, None)
+    return int(value) if value else None
+
+
+def processor_input_side(image_processor: object) -> int | None:
+    """Side of the square a padded image is resized to: ``size.shortest_edge`` (CLIP), else the larger
+    of ``size.height`` / ``size.width``; None when the processor does not resize."""
+    if not getattr(image_processor, "do_resize", True):
+        return None
+    size = getattr(image_processor, "size", None) or {}
+    side = _size_field(size, "shortest_edge")
+    if side is None:
+        sides = [v for v in (_size_field(size, "height"), _size_field(size, "width")) if v]
+        side = max(sides) if sides else None
+    return side
+
+
+_FILTER_SUPPORT = 3.0  # the widest PIL filter (Lanczos), in output pixels: the margins below cover every filter
+_ROW_CHUNK = 1024  # rows of a portrait image padded at a time
+
+
+def _span(offset: int, length: int, longer: int, side: int) -> tuple[int, int, int, int]:
+    """Output pixels [i0, i1) of a ``longer`` -> ``side`` resize whose filter windows reach the input span
+    [offset, offset + length), and the input pixels [c0, c1) those windows read (PIL's windows: centre
+    (i + 0.5) * scale, half-width support * scale, clipped to [0, longer))."""
+    scale = longer / side
+    support = _FILTER_SUPPORT * scale
+    i0 = max(0, math.floor((offset - support) / scale - 0.5) - 1)
+    i1 = min(side, math.ceil((offset + length + support) / scale + 0.5) + 1)
+    c0 = max(0, math.floor(i0 * scale - support) - 1)
+    c1 = min(longer, math.ceil(i1 * scale + support) + 1)
+    return i0, i1, c0, c1
+
+
+def resize_then_pad(
+    image: Image.Image, side: int, background: tuple[int, int, int], resample: int = Image.Resampling.BICUBIC
+) -> Image.Image:
+    """LLaVA-1.5's ``expand2square`` followed by the processor's resize of the square to ``side`` x ``side``,
+    computed without the square: memory is bounded by the image and ``side``, not by its longer edge squared
+    (a 20000 x 10 panorama padded first made a 20000 x 20000 square, 1.2 GB RGB, in the worker).
+
+    PIL resizes in two separable passes, horizontal then vertical, rounding to 8 bit in between; both are
+    done here on the same input pixels with the same filter windows, only restricted to the band of the
+    square the image touches (plus the filter's reach into the padding): the output equals pad-then-resize
+    up to floating-point rounding of the window positions (tests/test_data_llava.py measures it).
+    Images whose longer edge is at most ``side`` are padded as before (no resize here).
+
+    Args:
+        image: an RGB image.
+        side: the processor's input side (:func:`processor_input_side`).
+        background: padding colour (the processor's mean, as LLaVA-1.5).
+        resample: PIL filter of the processor's resize (CLIP: bicubic).
+    """
+    width, height = image.size
+    longer = max(width, height)
+    if longer <= side:
+        return expand_to_square(image, background)
+    scale = longer / side
+    result = Image.new(image.mode, (side, side), background)
+    if width >= height:  # the image spans the square's width: rows [offset, offset + height) are the image
+        offset = (longer - height) // 2
+        i0, i1, c0, c1 = _span(offset, height, longer, side)
+        rows = image.resize((side, height), resample=resample)  # horizontal pass only
+        band = Image.new(image.mode, (side, c1 - c0), background)
+        band.paste(rows, (0, offset - c0))
+        box = (0, i0 * scale - c0, side, i1 * scale - c0)
+        result.paste(band.resize((side, i1 - i0), resample=resample, box=box), (0, i0))
+        return result
+    offset = (longer - width) // 2  # the image spans the square's height: columns [offset, offset + width)
+    i0, i1, c0, c1 = _span(offset, width, longer, side)
+    strip = Image.new(image.mode, (i1 - i0, height))
+    for top in range(0, height, _ROW_CHUNK):  # horizontal pass, a chunk of padded rows at a time
+        rows = min(_ROW_CHUNK, height - top)
+        chunk = Image.new(image.mode, (c1 - c0, rows), background)
+        chunk.paste(image.crop((0, top, width, top + rows)), (offset - c0, 0))
+        box = (i0 * scale - c0, 0, i1 * scale - c0, rows)
+        strip.paste(chunk.resize((i1 - i0, rows), resample=resample, box=box), (0, top))
+    result.paste(strip.resize((i1 - i0, side), resample=resample), (i0, 0))  # vertical pass
+    return result
+
+
+def center_crop_first(image: Image.Image, image_processor: object, resample: int) -> Image.Image:
+    """Without padding: the processor's "resize the shorter edge to S, then centre-crop" done as crop the
+    centre region first, then resize it, when the resized longer edge would exceed twice the crop (an
+    extreme aspect ratio: a 10 x 20000 image resized to S = 336 first would be 336 x 672000 pixels).
+    Other images are returned unchanged (the processor handles them as before)."""
+    size = getattr(image_processor, "size", None) or {}
+    crop = getattr(image_processor, "crop_size", None) or {}
+    shortest = _size_field(size, "shortest_edge")
+    crop_h, crop_w = _size_field(crop, "height"), _size_field(crop, "width")
+    if not (getattr(image_processor, "do_resize", True) and shortest and crop_h and crop_w):
+        return image
+    width, height = image.size
+    scale = shortest / min(width, height)
+    if max(width, height) * scale <= 2 * max(crop_h, crop_w, shortest):
+        return image
+    box_w, box_h = min(width, crop_w / scale), min(height, crop_h / scale)
+    left, top = (width - box_w) / 2, (height - box_h) / 2
+    out = (max(1, round(box_w * scale)), max(1, round(box_h * scale)))
+    return image.resize(out, resample=resample, box=(left, top, left + box_w, top + box_h))
 
 
 def expand_to_square(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
@@ -264,7 +405,9 @@ class LlavaDataset(Dataset):
             (returns :class:`Skipped`, counted by the collate function).
         prompt_only: render up to "ASSISTANT:" of the last turn, without labels (for generation).
         template: the conversation template.
-        pad_to_square: pad images to a square with the image processor's mean colour first (LLaVA-1.5).
+        pad_to_square: pad images to a square with the image processor's mean colour first (LLaVA-1.5);
+            done after resizing to the processor's size (:func:`resize_then_pad`), so memory stays bounded.
+        max_image_pixels: images with more pixels are bad samples (``image_too_large``), checked before decoding.
     """
 
     def __init__(
@@ -277,6 +420,7 @@ class LlavaDataset(Dataset):
         prompt_only: bool = False,
         template: ConversationTemplate = VICUNA_V1,
         pad_to_square: bool = True,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
@@ -293,6 +437,9 @@ class LlavaDataset(Dataset):
         self.prompt_only = prompt_only
         self.template = template
         self.pad_to_square = pad_to_square
+        self.max_image_pixels = max_image_pixels
+        self.input_side = processor_input_side(self.image_processor)
+        self.resample = int(getattr(self.image_processor, "resample", Image.Resampling.BICUBIC))
         self.background = tuple(int(round(255 * m)) for m in self.image_processor.image_mean)
 
     def __len__(self) -> int:
@@ -309,24 +456,31 @@ class LlavaDataset(Dataset):
         except BadSampleError as error:
             if self.policy == "raise":
                 raise
-            return Skipped(id=str(entry.get("id")), reason=error.reason)
+            return Skipped(id=str(entry.get("id")), reason=error.reason, file=error.file)
 
     def _bad(self, entry: dict, reason: str, detail: str, path: Path | None = None) -> BadSampleError:
         """A BadSampleError naming the entry and the file."""
         where = f" (image {path})" if path is not None else ""
-        return BadSampleError(f"entry {entry.get('id')!r}{where}: {reason}: {detail}", reason)
+        file = str(path if path is not None else resolve_image(entry["image"], self.image_folders))
+        return BadSampleError(f"entry {entry.get('id')!r}{where}: {reason}: {detail}", reason, file)
 
     def _image(self, entry: dict) -> torch.Tensor:
         """(3, H, W) pixel values of the entry's image."""
         path = resolve_image(entry["image"], self.image_folders)
         try:
-            image = open_rgb(path)
+            image = open_rgb(path, self.max_image_pixels)
         except FileNotFoundError:
             raise self._bad(entry, "missing_image", "file not found", path) from None
+        except ImageTooLargeError as e:
+            raise self._bad(entry, "image_too_large", str(e), path) from None
         except (OSError, ValueError, SyntaxError) as e:  # PIL: UnidentifiedImageError, truncated data, ...
             raise self._bad(entry, "unreadable_image", f"{type(e).__name__}: {e}", path) from None
-        if self.pad_to_square:
+        if self.pad_to_square and self.input_side:
+            image = resize_then_pad(image, self.input_side, self.background, self.resample)
+        elif self.pad_to_square:
             image = expand_to_square(image, self.background)
+        else:
+            image = center_crop_first(image, self.image_processor, self.resample)
         try:
             return self.image_processor(image, return_tensors="pt")["pixel_values"][0]
         except Exception as e:  # e.g. a 1-pixel image the resize cannot handle: name the entry, not the processor

@@ -43,5 +43,10 @@ def test_ddp_two_processes_log_global_means(tmp_path):
         assert len(logged) == 3
         for got, want in zip(logged, means):
             assert abs(got - want) < 1e-5, (key, logged, means)
+    # the DistributedSampler deals the two questions of each image to different ranks: the kept-set
+    # overlap exists only because RatioSweep merges the ranks' accumulators
+    overlap = [e.value for e in acc.Scalars("val/kept_overlap/layer1@rho0.5")]
+    assert len(overlap) == 1 and 0.0 <= overlap[0] <= 1.0
+    assert len(acc.Scalars("val/relevant_kept/layer4@rho0.5")) == 1
     differs = any(abs(a["loss_causal"] - b["loss_causal"]) > 1e-6 for a, b in zip(*ranks))
     assert differs, "the two ranks should see different data"

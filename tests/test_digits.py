@@ -174,7 +174,7 @@ def test_colour_questions_name_a_once_only_colour_and_its_digit(coloured):
     assert all(len(q) == 2 for q in by_image.values())
 
 
-def test_colour_pixels_are_the_grey_digit_times_its_colour(coloured):
+def test_colour_pixels_are_a_white_digit_on_its_colour(coloured):
     cfg, root = coloured
     digits = load_digits()
     grids = json.loads((root / "val_grids.json").read_text())
@@ -184,8 +184,9 @@ def test_colour_pixels_are_the_grey_digit_times_its_colour(coloured):
     assert pixels.shape == (cfg.image_size, cfg.image_size, 3)
     cell = cfg.grid_size + 1  # row 2, column 2
     grey = np.round(digits.images[grids[image][cell]] * 255 / 16)
-    rgb = np.asarray(COLOURS[list(COLOURS)[colours[image][cell]]], dtype=np.float64)
-    assert np.array_equal(pixels[8:16, 8:16], np.round(grey[..., None] * rgb / 255).astype(np.uint8))
+    bg = 0.5 * np.asarray(COLOURS[list(COLOURS)[colours[image][cell]]], dtype=np.float64)
+    expected = np.round(bg + (255 - bg) * grey[..., None] / 255)  # white strokes on the cell's colour
+    assert np.array_equal(pixels[8:16, 8:16], expected.astype(np.uint8))
 
 
 def test_demo_tokenizer_knows_the_colour_words(coloured):

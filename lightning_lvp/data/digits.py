@@ -7,8 +7,8 @@ of the image, so the answer cannot be read off the image without the question:
 - ``cell``: "What digit is in r3c5?" -> "r3c5 7" (the cell in row 3, column 5; 1 patch matters).
 - ``row_count``: "How many 7s are in row2?" -> "7s row2 1" (the ``grid_size`` patches of row 2 matter).
 - ``col_count``: "How many 7s are in column4?" -> "7s column4 0" (the patches of column 4 matter).
-- ``colour``: "What digit is red?" -> "7". With this type every digit is drawn in a colour of
-  :data:`COLOURS`; the asked colour appears exactly once in the image (the other digits use the
+- ``colour``: "What digit is red?" -> "7". With this type every cell has a background colour of
+  :data:`COLOURS`; the asked colour appears exactly once in the image (the other cells use the
   other colours), so ONE patch decides the answer and the question names its CONTENT, as in real
   VQA ("what is the dog doing?"): the patch that matters is found by what it shows, not by where
   it is (docs/RESULTS.md: a content-only decision module cannot find a cell by its name when the
@@ -38,7 +38,11 @@ from PIL import Image
 log = logging.getLogger(__name__)
 
 QUESTION_TYPES = ("cell", "row_count", "col_count", "colour")
-# Digit colours of the ``colour`` question type (name -> RGB multiplier of the digit's grey level).
+# Cell colours of the ``colour`` question type (name -> RGB). A coloured cell is a white digit on a
+# background of that colour at BACKGROUND_LEVEL: the strokes show in every channel (with digits drawn
+# in pure colours the tiny CLIP had to learn each shape once per channel) and the colour is the same
+# over the whole patch whatever the digit's ink (with tinted digits the LLM did not learn to select
+# between two shown patches by colour in 1,200 steps).
 COLOURS = {
     "red": (255, 0, 0),
     "green": (0, 255, 0),
@@ -50,7 +54,7 @@ COLOURS = {
     "orange": (255, 128, 0),
 }
 MAX_GRID_SIZE = 16
-_FORMAT_VERSION = 3
+_FORMAT_VERSION = 4
 # The reply restates the named part right before the answer ("r3c5 7"): the token that predicts the
 # answer then names the cell itself, so the look-up is one attention step (docs/DATA.md, measured).
 _CELL = ("What digit is in {cell}?", "{cell} {digit}")
@@ -59,6 +63,7 @@ _COL = ("How many {digit}s are in column{line}?", "{digit}s column{line} {count}
 # No restatement: the token that predicts the answer must first read the colour from the question,
 # then find the patch (the look-up cannot finish inside the first decoder layer at that token).
 _COLOUR = ("What digit is {colour}?", "{digit}")
+_COLOUR_RESTATED = ("What digit is {colour}?", "{colour} {digit}")
 
 
 @dataclass
@@ -77,6 +82,9 @@ class DigitsConfig:
             ``["cell"]``. With ``colour`` in the list every image is drawn in colour.
         val_digit_fraction: fraction of the 1,797 scikit-learn digits kept for validation images only.
         seed: seed of everything random (digit split, grids, questions).
+        colour_restate: the ``colour`` reply restates the colour before the digit ("red 7"), which lets the
+            answer token find the patch in the first decoder layer; False (default) replies "7", so the
+            look-up needs the question read first.
     """
 
     grid_size: int = 6
@@ -88,6 +96,7 @@ class DigitsConfig:
     question_types: list[str] = field(default_factory=lambda: ["cell"])
     val_digit_fraction: float = 0.2
     seed: int = 0
+    colour_restate: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.grid_size <= MAX_GRID_SIZE:
@@ -165,6 +174,14 @@ def load_digit_pool(seed: int, val_fraction: float) -> tuple[np.ndarray, np.ndar
     return images, digits.target.astype(np.int64), np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
+BACKGROUND_LEVEL = 0.5
+
+
+def colour_backgrounds() -> np.ndarray:
+    """(len(COLOURS), 3) background RGB of a coloured cell, in [0, 255]."""
+    return BACKGROUND_LEVEL * np.asarray(list(COLOURS.values()), dtype=np.float64)
+
+
 def render_grid(
     images: np.ndarray, grid_indices: np.ndarray, cell_px: int, colours: np.ndarray | None = None
 ) -> Image.Image:
@@ -174,7 +191,7 @@ def render_grid(
         images: (N, 8, 8) uint8 digit bitmaps.
         grid_indices: (G, G) indices into ``images``.
         cell_px: cell side in pixels.
-        colours: optional (G, G) indices into :data:`COLOURS` (the digit's grey level scales that RGB).
+        colours: optional (G, G) indices into :data:`COLOURS`: the cell's background colour.
 
     Returns:
         A mode "L" image of side G * cell_px (white digits on black, as in scikit-learn), or mode
@@ -188,9 +205,9 @@ def render_grid(
     if colours is None:
         image = Image.fromarray(canvas, mode="L")
     else:
-        rgb = np.asarray(list(COLOURS.values()), dtype=np.float64)[colours]  # (G, G, 3)
-        rgb = rgb.repeat(8, 0).repeat(8, 1)  # (8G, 8G, 3) per pixel
-        image = Image.fromarray(np.round(canvas[..., None] * rgb / 255.0).astype(np.uint8), mode="RGB")
+        bg = colour_backgrounds()[colours].repeat(8, 0).repeat(8, 1)  # (8G, 8G, 3) per pixel
+        ink = canvas[..., None] / 255.0
+        image = Image.fromarray(np.round(bg + (255.0 - bg) * ink).astype(np.uint8), mode="RGB")  # white strokes
     if cell_px != 8:
         image = image.resize((g * cell_px, g * cell_px), Image.Resampling.NEAREST)
     return image
@@ -263,13 +280,14 @@ def draw_colours(g: int, k: int, rng: np.random.Generator) -> tuple[np.ndarray, 
     return flat.reshape(g, g), [int(c) for c in unique]
 
 
-def _colour_questions(labels: np.ndarray, colours: np.ndarray, unique: list[int]) -> list[dict]:
+def _colour_questions(labels: np.ndarray, colours: np.ndarray, unique: list[int], restate: bool) -> list[dict]:
     """One question per once-only colour: "What digit is red?" -> the digit drawn in red."""
     names = list(COLOURS)
     out = []
     for c in unique:
         (r,), (col,) = np.nonzero(colours == c)
-        question, answer = (t.format(colour=names[c], digit=labels[r, col]) for t in _COLOUR)
+        template = _COLOUR_RESTATED if restate else _COLOUR
+        question, answer = (t.format(colour=names[c], digit=labels[r, col]) for t in template)
         out.append(dict(type="colour", question=question, answer=answer, rows=[int(r)], cols=[int(col)]))
     return out
 
@@ -296,7 +314,7 @@ def make_questions(
         if qtype == "cell":
             out += _cell_questions(labels, k, rng, cfg)
         elif qtype == "colour":
-            out += _colour_questions(labels, colours, unique)
+            out += _colour_questions(labels, colours, unique, cfg.colour_restate)
         else:
             out += _count_questions(labels, k, qtype.removesuffix("_count"), rng, cfg)
     return out

@@ -16,7 +16,10 @@ tokens/s for 64 new tokens (generate(65) - generate(1)); (4) KV-cache bytes afte
 the kept token-layers; (5) masked training step (LVPruning forward_train + ratio loss, backward)
 against a plain frozen forward + backward (same model, no method, SDPA, gradients to the
 projector); (6) peak memory of one attention call, eq. 9 masked vs plain SDPA, forward + backward;
-(7) dispatched-op counts of forward_infer for 576 vs 144 vision tokens (no per-token loops).
+(7) dispatched-op counts of forward_infer for 576 vs 144 vision tokens (no per-token loops);
+(0, first) transformers' own ``generate()`` on the unpruned LLaVA against ours (HF ``generate()``
+over the PrunedCache, lightning_lvp/generation.py) unpruned and at rho 0.5, batch 1 and 8, 32 new
+tokens (``--only-hf`` runs just this).
 """
 
 from __future__ import annotations
@@ -136,6 +139,49 @@ def generate_fn(model: PrunedLlava, batch, ratios, new_tokens: int):
         )
 
     return run
+
+
+def hf_generate_fn(llava, batch, new_tokens: int):
+    """transformers' own ``LlavaForConditionalGeneration.generate`` (greedy, no eos), the reference."""
+    from transformers import GenerationConfig
+
+    cfg = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+
+    def run():
+        return llava.generate(
+            input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
+            attention_mask=batch["attention_mask"], generation_config=cfg,
+        )
+
+    return run
+
+
+def hf_comparison(config, llava, base, pruned, batch_sizes, new_tokens: int, repeats: int) -> list[dict]:
+    """HF ``generate()`` unpruned vs ours (same HF generate over the PrunedCache) unpruned and pruned.
+
+    Same process, the three interleaved run by run; returns one row per batch size with medians.
+    """
+    llava.generation_config.eos_token_id = None  # decode exactly new_tokens everywhere
+    rows = []
+    for b in batch_sizes:
+        batch = bench_batch(config, 30, batch_size=b)
+        fns = {
+            "hf_unpruned": hf_generate_fn(llava, batch, new_tokens),
+            "ours_unpruned": generate_fn(base, batch, None, new_tokens),
+            **{f"ours_rho{r:g}": generate_fn(pruned, batch, schedule_of(r), new_tokens) for r in (0.5,)},
+        }
+        hf_new = fns["hf_unpruned"]()[:, batch["input_ids"].shape[1] :]
+        same = torch.equal(hf_new, fns["ours_unpruned"]())
+        times = interleaved_times(fns, repeats)
+        hf = med(times["hf_unpruned"])
+        row = {"batch": b, "new_tokens": new_tokens, "same_tokens_unpruned": same,
+               **{f"{k}_s": med(v) for k, v in times.items()}, "runs_s": times}
+        row["ours_unpruned_over_hf"] = row["ours_unpruned_s"] / hf
+        row["paired_ours_unpruned_over_hf"] = med([o / h for o, h in zip(times["ours_unpruned"], times["hf_unpruned"])])
+        row["speedup_rho0.5_vs_hf"] = hf / row["ours_rho0.5_s"]
+        print(f"[hf generate] {json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if k != 'runs_s'})}", flush=True)
+        rows.append(row)
+    return rows
 
 
 def kv_bytes(model: PrunedLlava, batch, ratios) -> int:
@@ -316,6 +362,12 @@ def run(args) -> dict:
         "model": {"llm_layers": args.layers, "hidden": args.hidden, "after_layers": after},
     }
     report["machine"]["load_avg_start"] = report["machine"].pop("load_avg_1_5_15")
+    if args.hf_batches:
+        batches = [int(b) for b in args.hf_batches.split(",")]
+        report["hf_generate"] = hf_comparison(config, llava, base, pruned, batches, args.hf_new_tokens, args.hf_repeats)
+    if args.only_hf:
+        report["machine"]["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
+        return report
 
     rows = F.count_schedules(pruned, batch, [s for s in schedules.values() if s], shape_only=True)
     flops = {name: row["tflops"] * 1e12 for name, row in zip(schedules, rows)}
@@ -364,6 +416,17 @@ def run(args) -> dict:
     return report
 
 
+def print_hf(rows: list[dict]) -> None:
+    print("\n| batch | new tokens | HF generate() unpruned | ours unpruned | ours / HF (median of paired) | ours rho 0.5 | speed-up vs HF unpruned | same tokens |")
+    print("|---|---|---|---|---|---|---|---|")
+    for x in rows:
+        print(
+            f"| {x['batch']} | {x['new_tokens']} | {x['hf_unpruned_s']:.3f} s | {x['ours_unpruned_s']:.3f} s | "
+            f"{x['ours_unpruned_over_hf']:.3f} ({x['paired_ours_unpruned_over_hf']:.3f}) | {x['ours_rho0.5_s']:.3f} s | "
+            f"{x['speedup_rho0.5_vs_hf']:.2f}x | {'yes' if x['same_tokens_unpruned'] else 'NO'} |"
+        )
+
+
 def print_report(r: dict) -> None:
     m = r["machine"]
     print(
@@ -371,6 +434,10 @@ def print_report(r: dict) -> None:
         f"load avg start {m['load_avg_start']} end {m['load_avg_end']}"
     )
     print(f"model: {r['model']}")
+    if "hf_generate" in r:
+        print_hf(r["hf_generate"])
+    if "rows" not in r:
+        return
     print(
         "\n| schedule | GFLOPs | FLOPs ratio | prefill s | prefill ratio | % of FLOPs speed-up | decode tok/s | decode speed-up | KV MB | KV = kept token-layers |"
     )
@@ -406,11 +473,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--threads", type=int, default=1, help="torch threads (0 = torch's default; 1 is robust on a shared machine)"
     )
+    p.add_argument("--hf-batches", default="1,8", help="batch sizes of the HF generate() comparison ('' = skip it)")
+    p.add_argument("--hf-new-tokens", type=int, default=32, help="decoded tokens in the HF generate() comparison")
+    p.add_argument("--hf-repeats", type=int, default=3, help="timed runs per variant in the HF generate() comparison")
+    p.add_argument("--only-hf", action="store_true", help="run only the HF generate() comparison")
     p.add_argument("--quick", action="store_true", help="2 repeats everywhere (smoke run)")
     p.add_argument("--json", help="also write the report as JSON here")
     args = p.parse_args(argv)
     if args.quick:
-        args.repeats = args.decode_repeats = args.train_repeats = 2
+        args.repeats = args.decode_repeats = args.train_repeats = args.hf_repeats = 2
     t0 = time.time()
     report = run(args)
     report["wall_s"] = time.time() - t0

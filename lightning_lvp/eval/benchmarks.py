@@ -307,7 +307,7 @@ def _is_none(value: Any) -> bool:
     return isinstance(value, str) and value.lower() in ("nan", "none")
 
 
-def build_prompt(benchmark: str, question: Mapping[str, Any]) -> str:
+def build_prompt(benchmark: str, question: Mapping[str, Any], suffix: bool = True) -> str:
     """The user text LLaVA-1.5 sends for one question (without the conversation template or image token).
 
     ``question["text"]`` is used as is, less any ``<image>`` token and any of the benchmark's
@@ -320,16 +320,18 @@ def build_prompt(benchmark: str, question: Mapping[str, Any]) -> str:
     Args:
         benchmark: one of `BENCHMARKS`.
         question: a question record with at least ``text``.
+        suffix: append the benchmark's suffix lines (False: the bare question, for models trained
+            without them, e.g. the digits demo).
 
     Returns:
         The prompt, e.g. ``"Is there a dog in the image?\\nAnswer the question using a single word or phrase."``.
     """
-    suffix = PROMPT_SUFFIXES[check_benchmark(benchmark)]
+    lines = PROMPT_SUFFIXES[check_benchmark(benchmark)]
     text = question.get("text")
     if not isinstance(text, str):
         raise ValueError(f"question {question.get('question_id')!r}: 'text' must be a string, got {text!r}")
     body = text.replace("<image>", "").strip()
-    for line in reversed(suffix):
+    for line in reversed(lines):
         if body.endswith(line):
             body = body[: -len(line)].rstrip()
     if benchmark == "mmbench" and question.get("choices") is not None:
@@ -338,7 +340,7 @@ def build_prompt(benchmark: str, question: Mapping[str, Any]) -> str:
         if not _is_none(hint):
             body = f"{hint}\n{body}"
         body += "".join(f"\n{OPTION_LETTERS[i]}. {choice}" for i, choice in enumerate(choices))
-    return "\n".join((body, *suffix))
+    return "\n".join((body, *lines)) if suffix else body
 
 
 # --------------------------------------------------------------------------- answers files
@@ -451,6 +453,7 @@ def generate_answers(
     model_id: str,
     batch_size: int = 8,
     missing_image_ids: Iterable[QuestionId] = (),
+    prompt_suffix: bool = True,
 ) -> list[dict[str, Any]]:
     """Build the prompts, call ``generate_fn`` batch by batch, and return answer records.
 
@@ -464,6 +467,7 @@ def generate_answers(
         model_id: written to every record.
         batch_size: items per ``generate_fn`` call.
         missing_image_ids: questions to leave out.
+        prompt_suffix: append the benchmark's suffix lines (:func:`build_prompt`).
 
     Returns:
         Records as `make_answer_record` builds them, answers stripped (as LLaVA does).
@@ -472,7 +476,7 @@ def generate_answers(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     missing = {str(q) for q in missing_image_ids}
     items = [
-        PromptItem(q["question_id"], q.get("image"), build_prompt(benchmark, q))
+        PromptItem(q["question_id"], q.get("image"), build_prompt(benchmark, q, prompt_suffix))
         for q in questions
         if str(q["question_id"]) not in missing
     ]

@@ -104,6 +104,8 @@ def evaluate_command(argv: list[str]) -> int:
     p.add_argument("--max_new_tokens", type=int, default=16, help="decoding budget per answer")
     p.add_argument("--answers", required=True, help="answers JSONL to write (never overwritten without --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing answers file")
+    p.add_argument("--no_prompt_suffix", action="store_true",
+                   help="send the bare question, without the benchmark's suffix line (models trained without it, e.g. the digits demo)")
     args = p.parse_args(argv)
     model = PrunedLlava.from_pretrained(args.model_path, args.pruners)
     processor = AutoProcessor.from_pretrained(args.model_path)
@@ -113,7 +115,8 @@ def evaluate_command(argv: list[str]) -> int:
     questions, issues = load_questions(args.questions)
     for issue in issues:
         log.warning("%s", issue)
-    records = generate_answers(args.benchmark, questions, gen, model_id=Path(args.model_path).name, batch_size=args.batch_size)
+    records = generate_answers(args.benchmark, questions, gen, model_id=Path(args.model_path).name, batch_size=args.batch_size,
+                               prompt_suffix=not args.no_prompt_suffix)
     write_answers_jsonl(args.answers, records, overwrite=args.overwrite)
     print(f"wrote {len(records)} answers to {args.answers}; malformed question lines: {len(issues)}; "
           f"missing/unreadable images: {dict(gen.missing)}")

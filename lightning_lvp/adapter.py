@@ -4,13 +4,14 @@ transformers moves attribute paths and return types between releases (``get_imag
 returns an output object since v5, ``cache_position`` is gone in v5). Everything the pruned
 forward needs from the model goes through the functions here, so a new release means editing one
 file; ``tests/test_adapter.py`` pins the behaviour on a tiny model against HF's own forward.
-Tested: transformers 5.23 and 5.24 (``TESTED_TRANSFORMERS``, the pin in ``pyproject.toml``).
+Tested: transformers 5.24 (``TESTED_TRANSFORMERS``, the pin in ``pyproject.toml``). 5.24 renamed the
+decoder layers' ``past_key_values`` to ``cache`` (deprecated, removed in 5.40); 5.23 has only
+``past_key_values`` and would silently drop ``cache=`` into ``**kwargs``, hence the lower bound.
 """
 
 from __future__ import annotations
 
 import copy
-import inspect
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,27 +23,13 @@ from transformers import AutoConfig, DynamicCache, LlavaConfig, LlavaForConditio
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer, apply_rotary_pos_emb, repeat_kv
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 from lightning_lvp.attention import masked_softmax_attention
 
-TESTED_TRANSFORMERS = ("5.23", "5.25")  # [lower, upper) as in pyproject.toml
+TESTED_TRANSFORMERS = ("5.24", "5.25")  # [lower, upper) as in pyproject.toml
 ATTN_IMPLEMENTATION = "lvp_sdpa"
 KEEP_KWARG = "lvp_keep"
-
-
-def _layer_cache_kwarg() -> str:
-    """Keyword of the KV cache in ``LlamaDecoderLayer.forward``.
-
-    transformers 5.24 renamed ``past_key_values`` to ``cache`` (``@deprecate_kwarg``, removal in
-    5.40); 5.23 has only ``past_key_values`` and would silently drop ``cache=`` into ``**kwargs``.
-    ``inspect.signature`` follows the decorator's ``__wrapped__`` to the real parameters.
-    """
-    params = inspect.signature(LlamaDecoderLayer.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-CACHE_KWARG = _layer_cache_kwarg()
 
 
 def _lvp_attention(module: nn.Module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -182,21 +169,54 @@ def vision_dims(config: LlavaConfig) -> VisionDims:
     return VisionDims(vc.image_size, vc.patch_size, side, side * side, side * side + extra)
 
 
+def _config_file(model: LlavaForConditionalGeneration) -> str:
+    """Where the model's config came from, for error messages."""
+    source = getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", "")
+    return f"{source}/config.json" if source else "the model's config.json"
+
+
 def image_token_id(model: LlavaForConditionalGeneration) -> int:
-    return int(model.config.image_token_id)
+    """Id of the ``<image>`` placeholder; a clear error naming the config field when it is missing."""
+    value = getattr(model.config, "image_token_id", None)
+    if value is None:
+        raise ValueError(
+            f"{_config_file(model)} has no image token id: set \"image_token_id\" (older files: \"image_token_index\") "
+            "to the tokenizer's id of <image> (llava-hf/llava-1.5-7b-hf: 32000)"
+        )
+    return int(value)
 
 
 def pad_token_id(model: LlavaForConditionalGeneration) -> int:
-    tc = model.config.text_config
-    pid = tc.pad_token_id if tc.pad_token_id is not None else model.config.pad_token_id
-    return int(pid) if pid is not None else 0
+    """Filler id: ``text_config.pad_token_id``, else the top-level ``pad_token_id`` (llava-hf files have both).
+
+    Raises:
+        ValueError: neither is set (transformers 5 then raised ``'LlavaConfig' object has no attribute
+            'pad_token_id'``); the message names the field to set.
+    """
+    for value in (getattr(model.config.text_config, "pad_token_id", None), getattr(model.config, "pad_token_id", None)):
+        if value is not None:
+            return int(value)
+    raise ValueError(
+        f"{_config_file(model)} has no pad token id: set \"pad_token_id\" in its \"text_config\" to the tokenizer's "
+        "pad_token_id (llava-hf/llava-1.5-7b-hf: 32001), or pass pad_token_id=... to generate()"
+    )
 
 
-def eos_token_id(model: LlavaForConditionalGeneration) -> int | None:
-    eid = model.config.text_config.eos_token_id
+def eos_token_id(model: LlavaForConditionalGeneration) -> int:
+    """Stop id: ``text_config.eos_token_id`` (the first of a list).
+
+    Raises:
+        ValueError: not set (generation would silently run to max_new_tokens); the message names the field.
+    """
+    eid = getattr(model.config.text_config, "eos_token_id", None)
     if isinstance(eid, list):
         eid = eid[0] if eid else None
-    return eid
+    if eid is None:
+        raise ValueError(
+            f"{_config_file(model)} has no end-of-sequence id: set \"eos_token_id\" in its \"text_config\" to the "
+            "tokenizer's eos_token_id (llava-hf/llava-1.5-7b-hf: 2), or pass eos_token_id=-1 to generate() to never stop"
+        )
+    return int(eid)
 
 
 def _lm(model: LlavaForConditionalGeneration):
@@ -371,11 +391,11 @@ def run_layer(
         keep: (B, L) eq. 7 decisions for the masked training path, or None.
     """
     kwargs = {KEEP_KWARG: keep} if keep is not None else {}
-    kwargs[CACHE_KWARG] = cache
     return decoder_layers(model)[index](
         hidden,
         attention_mask=mask,
         position_ids=position_ids,
+        cache=cache,  # transformers >= 5.24 (``past_key_values`` is deprecated there)
         use_cache=cache is not None,
         position_embeddings=position_embeddings,
         **kwargs,

@@ -131,7 +131,7 @@ def test_cache_equals_hf_cache_and_cached_step_equals_recompute(llava, batch):
         attention_mask=mask,
         position_ids=positions_from_mask(mask),
         use_cache=True,
-        **{adapter.CACHE_KWARG: hf_cache},
+        cache=hf_cache,
     )
     for ours, hf in zip(cache.layers, hf_cache.layers, strict=True):
         torch.testing.assert_close(ours.keys, hf.keys)

@@ -28,21 +28,25 @@ import json
 import logging
 import shlex
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 from lightning_lvp import adapter
+from lightning_lvp.checkpoint import atomic_save_figure, atomic_write, atomic_write_text
 from lightning_lvp.evaluate import RELEVANCE_KEYS, evaluate_schedule, model_inputs, relevance_columns, relevance_metrics
 from lightning_lvp.methods import ClsKneePruning, FastV, PruningMethod, RandomPruning, UniformPruning
+from lightning_lvp.methods.peers import PAPER_TOKENS, peer_entries
 from lightning_lvp.model import PrunedLlava
-from lightning_lvp.plots import accuracy_vs_tflops, save_png
+from lightning_lvp.plots import accuracy_vs_tflops
 from lightning_lvp.schedules import PAPER_RHOS, paper_schedule, parse_rhos
 
 log = logging.getLogger(__name__)
+PEER_NAMES = ("visionzip", "divprune", "dart", "pdrop")  # the methods papers compare against (issue #15)
 RESULT_FILES = ("comparison.csv", "comparison.json", "comparison.md", "comparison.png")
 # name, method class, pruning points, schedule, accuracy, samples, TFLOPs per sample, TFLOPs / base - 1,
 # vision tokens on entry, kept after the last stage (mean), its fraction, kept fraction averaged over layers
@@ -104,8 +108,11 @@ def build_entries(
     fastv_k: int = 2,
     knee_args: dict[str, Any] | None = None,
     seed: int = 0,
+    peers: Sequence[str] = PEER_NAMES,
+    peer_tokens: Sequence[int] = PAPER_TOKENS,
 ) -> list[Entry]:
-    """The rows of the comparison (see the module docstring)."""
+    """The rows of the comparison (see the module docstring); ``peers`` at ``peer_tokens`` of 576
+    (:func:`lightning_lvp.methods.peers.peer_entries`)."""
     stages = lvp.num_stages
     entries = [Entry("base", None, None)]
     entries += [Entry(f"lvp_rho{rho:g}", lvp, lvp_schedule(rho, stages)) for rho in rhos]
@@ -121,6 +128,8 @@ def build_entries(
     entries.append(Entry("fastv", FastV(k=fastv_k, keep_ratio=r), [r]))
     entries.append(Entry("random", RandomPruning(lvp.after_layers, matched, seed=seed), matched))
     entries.append(Entry("uniform", UniformPruning(lvp.after_layers, matched), matched))
+    if peers:
+        entries += [Entry(*row) for row in peer_entries(num_layers, n_vision, peer_tokens, peers)]
     return entries
 
 
@@ -188,6 +197,10 @@ def run_comparison(
     seed: int = 0,
     max_batches: int | None = None,
     flops_samples: int = 4,
+    peers: Sequence[str] = PEER_NAMES,
+    peer_tokens: Sequence[int] = PAPER_TOKENS,
+    done: Sequence[dict[str, Any]] = (),
+    on_row: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluates every entry of :func:`build_entries`; returns one dict per row (see :data:`COLUMNS`).
 
@@ -196,6 +209,9 @@ def run_comparison(
         lvp: the LVPruning method (loaded pruners), bound to ``llava``'s LLM.
         loader: re-iterable validation batches with labels (docs/DESIGN.md).
         flops_samples: samples (one at a time) the TFLOPs are averaged over; 0 = no FLOPs (NaN).
+        done: rows of an interrupted run with the same settings, reused by name (said at WARNING).
+        on_row: called with the rows so far after every row (compare writes its files there, so a kill
+            keeps every finished row).
     """
     samples = single_samples(loader, max(flops_samples, 1))
     if not samples:
@@ -203,14 +219,22 @@ def run_comparison(
     n_vision = adapter.vision_dims(llava.config).tokens_per_image
     samples = samples[:flops_samples]
     num_layers = adapter.text_dims(llava.config).num_layers
-    entries = build_entries(lvp, num_layers, n_vision, rhos, match_rho, fastv_k, knee_args, seed)
-    rows = []
+    entries = build_entries(lvp, num_layers, n_vision, rhos, match_rho, fastv_k, knee_args, seed, peers, peer_tokens)
+    finished = {r["name"]: r for r in done}
+    rows: list[dict[str, Any]] = []
     for entry in entries:
-        log.info("compare: evaluating %s (%s)", entry.name, entry.ratios)
-        rows.append(evaluate_entry(llava, entry, loader, samples, num_layers, max_batches))
-    base = rows[0]["tflops"]
-    for row in rows:
-        row["flops_change"] = row["tflops"] / base - 1.0 if base else float("nan")
+        if entry.name in finished:
+            log.warning("compare: reusing the row %s of the interrupted run (same settings)", entry.name)
+            rows.append(finished[entry.name])
+        else:
+            log.info("compare: evaluating %s (%s)", entry.name, entry.ratios)
+            rows.append(evaluate_entry(llava, entry, loader, samples, num_layers, max_batches))
+        if rows[-1]["n"] != rows[0]["n"]:
+            raise ValueError(f"compare: {entry.name} was measured on {rows[-1]['n']} samples, base on {rows[0]['n']}")
+        base = rows[0]["tflops"]
+        rows[-1]["flops_change"] = rows[-1]["tflops"] / base - 1.0 if base else float("nan")
+        if on_row is not None:
+            on_row(rows)
     return rows
 
 
@@ -235,13 +259,13 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     """The comparison as a Markdown table (accuracy in %, TFLOPs per sample, kept vision tokens; on data with
     relevant patches also the relevant-patch recall and the kept-set overlap after each row's last stage)."""
     relevance = bool(relevance_columns(rows))
-    head = "| method | schedule | accuracy | TFLOPs | FLOPs vs base | kept vision (final) | kept vision (layer mean) |"
+    head = "| method | schedule | accuracy | n | TFLOPs | FLOPs vs base | kept vision (final) | kept vision (layer mean) |"
     head += " relevant kept (final) | kept overlap (final) |" if relevance else ""
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for r in rows:
         sched = _cell(r["ratios"])
         line = (
-            f"| {r['name']} | {sched} | {100 * r['accuracy']:.1f} % | {r['tflops']:.4g} | "
+            f"| {r['name']} | {sched} | {100 * r['accuracy']:.1f} % | {r['n']} | {r['tflops']:.4g} | "
             f"{100 * r['flops_change']:+.1f} % | {r['kept_vision']:.1f} / {r['n_vision']:.0f} "
             f"({100 * r['kept_frac_final']:.1f} %) | {100 * r['kept_frac_layers']:.1f} % |"
         )
@@ -251,6 +275,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+PEER_MARKERS = {"visionzip": ("P", "C5"), "divprune": ("v", "C6"), "dart": ("<", "C7"), "pdrop": (">", "C8")}
 BASELINE_MARKERS = {"base": ("*", "k"), "cls_knee": ("s", "C1"), "fastv": ("^", "C2"), "random": ("x", "C3"), "uniform": ("D", "C4")}
 
 
@@ -260,11 +285,15 @@ def plot_accuracy_vs_tflops(rows: Sequence[dict[str, Any]], path: Path) -> None:
         rows,
         on_line=lambda r: r["name"].startswith("lvp_"),
         line_label="LVPruning",
-        markers=BASELINE_MARKERS,
+        markers={
+            **BASELINE_MARKERS,
+            **{r["name"]: PEER_MARKERS[r["name"].split("_")[0]] for r in rows if r["name"].split("_")[0] in PEER_MARKERS},
+        },
         title="accuracy vs compute",
         size=(6.4, 4.4),
     )
-    save_png(fig, path)
+    FigureCanvasAgg(fig)
+    atomic_save_figure(fig, path, dpi=120)
 
 
 def existing_results(out: Path) -> list[Path]:
@@ -275,7 +304,7 @@ def existing_results(out: Path) -> list[Path]:
 def write_results(
     rows: Sequence[dict[str, Any]], out: str | Path, meta: dict[str, Any], overwrite: bool = False
 ) -> list[Path]:
-    """Writes CSV, JSON, Markdown and PNG into ``out``.
+    """Writes CSV, Markdown and PNG, then the JSON (the record a resume reads), each atomically.
 
     Raises:
         FileExistsError: result files exist and ``overwrite`` is False.
@@ -287,17 +316,63 @@ def write_results(
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f for f in RESULT_FILES]
     relevance = relevance_columns(rows)  # relevant_kept/<stage>, kept_overlap/<stage> where defined
-    with open(paths[0], "w", newline="") as f:
+    with atomic_write(paths[0], "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(COLUMNS + tuple(relevance))
         for r in rows:
             metrics = relevance_metrics(r)
             writer.writerow([_cell(r[c]) for c in COLUMNS] + [_cell(metrics[c]) if c in metrics else "" for c in relevance])
-    paths[1].write_text(json.dumps({**meta, "rows": list(rows)}, indent=2))
     command = meta.get("command", "")
-    paths[2].write_text(f"{markdown_table(rows)}\n\nCommand: `{command}`\n\n{meta.get('notes', '')}\n")
+    atomic_write_text(paths[2], f"{markdown_table(rows)}\n\nCommand: `{command}`\n\n{meta.get('notes', '')}\n")
     plot_accuracy_vs_tflops(rows, paths[3])
+    atomic_write_text(paths[1], json.dumps({**meta, "rows": list(rows)}, indent=2))
     return paths
+
+
+def compare_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """What the rows are measured with: model, pruners (sha256 of their files), data config (sha256),
+    batch size, batch limit, FLOPs samples and every row-defining option."""
+    from lightning_lvp.io import file_fingerprint, model_fingerprint, pruners_fingerprint
+
+    pruners = Path(args.pruners)
+    if pruners.is_dir():
+        pruner_hash = pruners_fingerprint(pruners)
+    else:
+        pruner_hash = file_fingerprint(pruners) if pruners.is_file() else f"spec:{args.pruners}"
+    options = {k: v for k, v in vars(args).items() if k not in ("model", "pruners", "out", "overwrite", "num_workers")}
+    return {
+        "model": str(args.model),
+        "model_fingerprint": model_fingerprint(args.model),
+        "pruners": str(args.pruners),
+        "pruners_sha256": pruner_hash,
+        "data_sha256": file_fingerprint(args.data) if args.data else None,
+        **options,
+    }
+
+
+def previous_rows(out: Path, settings: dict[str, Any], overwrite: bool) -> tuple[list[dict[str, Any]], str | None]:
+    """(rows to reuse, refusal message): the finished rows of an interrupted run with the same settings;
+    a refusal when ``out`` holds a finished run or one of other settings (unless ``overwrite``)."""
+    found = existing_results(out)
+    if not found or overwrite:
+        if found:
+            log.warning("compare: overwriting %s", ", ".join(map(str, found)))
+        return [], None
+    path = out / "comparison.json"
+    try:
+        saved = json.loads(path.read_text()) if path.exists() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return [], f"{path} is truncated or not a comparison; pass --overwrite to replace it"
+    if saved.get("settings") != settings:
+        from lightning_lvp.sweep import settings_difference
+
+        return [], (f"refusing to overwrite {', '.join(map(str, found))} (measured with other settings: "
+                    f"{settings_difference(saved.get('settings'), settings)}); pass --overwrite")  # fmt: skip
+    if saved.get("complete"):
+        return [], f"refusing to overwrite {', '.join(map(str, found))} (a finished comparison); pass --overwrite"
+    rows = saved.get("rows", [])
+    log.warning("compare: resuming the interrupted comparison in %s: reusing %d finished rows", out, len(rows))
+    return rows, None
 
 
 # ----------------------------------------------------------------------------------------- CLI
@@ -349,6 +424,12 @@ def _parser() -> argparse.ArgumentParser:
         help="CLS-knee: stage-1 maximum (int count or fraction)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of random pruning")
+    p.add_argument(
+        "--peers", default=",".join(PEER_NAMES), help="peer methods (comma list; '' = none): " + ", ".join(PEER_NAMES)
+    )
+    p.add_argument(
+        "--peer-tokens", default="64,128,192", help="peer budgets as kept tokens of LLaVA-1.5's 576 (same share here)"
+    )
     p.add_argument("--device", default="cpu", help="torch device")
     return p
 
@@ -391,12 +472,11 @@ def build_val_loader(args: argparse.Namespace):
 def compare_command(argv: list[str]) -> int:
     """``python -m lightning_lvp compare ...``; returns the exit code (2: results exist, no --overwrite)."""
     args = _parser().parse_args(argv)
-    found = existing_results(Path(args.out))
-    if found and not args.overwrite:
-        print(f"compare: refusing to overwrite {', '.join(map(str, found))}; pass --overwrite", file=sys.stderr)
+    settings = compare_settings(args)
+    done, refusal = previous_rows(Path(args.out), settings, args.overwrite)
+    if refusal:
+        print(f"compare: {refusal}", file=sys.stderr)
         return 2
-    if found:
-        log.warning("compare: overwriting %s", ", ".join(map(str, found)))
     pruned = PrunedLlava.from_pretrained(args.model, args.pruners, device=args.device)
     llava, lvp = pruned.llava, pruned.method
     loader = build_val_loader(args)
@@ -404,6 +484,19 @@ def compare_command(argv: list[str]) -> int:
     knee = dict(
         llm_layer=knee_layer, keep_ratio=args.knee_keep_ratio, min_keep=args.knee_min_keep, max_keep=args.knee_max_keep
     )
+    meta = {
+        "command": "python -m lightning_lvp compare " + shlex.join(argv),
+        "model": args.model,
+        "pruners": args.pruners,
+        "settings": settings,
+        "notes": "TFLOPs per sample (mean over the first --flops-samples samples, one at a time, LM head on the "
+        "last position). Kept vision tokens: mean per sample after the last stage, and the kept fraction "
+        "averaged over the LLM layers. FastV's keep ratio matches that layer mean of LVPruning at "
+        f"rho {args.match_rho:g}; random/uniform use LVPruning's points and schedule at rho {args.match_rho:g}. "
+        "Peers (name_T): VisionZip, DivPrune (LLM input) and DART (after layer 2) keep the share T/576 of the "
+        "vision tokens; PyramidDrop (layers L/4, L/2, 3L/4) has layer-mean kept share T/576 (rows it cannot reach "
+        "are skipped). Kept vision counts image patches: VisionZip's CLS token (one more LLM token) is not one.",
+    }
     rows = run_comparison(
         llava,
         lvp,
@@ -415,17 +508,12 @@ def compare_command(argv: list[str]) -> int:
         args.seed,
         args.max_batches,
         args.flops_samples,
+        [x for x in args.peers.split(",") if x],
+        [int(x) for x in args.peer_tokens.split(",") if x],
+        done=done,
+        on_row=lambda rows: write_results(rows, args.out, {**meta, "complete": False}, overwrite=True),
     )
-    meta = {
-        "command": "python -m lightning_lvp compare " + shlex.join(argv),
-        "model": args.model,
-        "pruners": args.pruners,
-        "notes": "TFLOPs per sample (mean over the first --flops-samples samples, one at a time, LM head on the "
-        "last position). Kept vision tokens: mean per sample after the last stage, and the kept fraction "
-        "averaged over the LLM layers. FastV's keep ratio matches that layer mean of LVPruning at "
-        f"rho {args.match_rho:g}; random/uniform use LVPruning's points and schedule at rho {args.match_rho:g}.",
-    }
-    paths = write_results(rows, args.out, meta, overwrite=args.overwrite)
+    paths = write_results(rows, args.out, {**meta, "complete": True}, overwrite=True)
     print(markdown_table(rows))
     print("\n".join(f"wrote {p}" for p in paths))
     return 0

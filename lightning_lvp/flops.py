@@ -56,6 +56,8 @@ CONVENTION = {
     "vision_tower": "all CLIP layers run by transformers (24, although LLaVA reads layer -2), patch convolution included",
     "keep_counts": "k_s = round(rho_s x N_vision) of the ORIGINAL vision tokens",
     "pruning_points": "after_layer l = after the l-th decoder layer (1-based): layers 1..l see every token",
+    "pruners_training_free": "the method's own work: LVPruning's decision modules; for training-free methods every FLOP outside "
+    "the model's modules (recomputed attention rows / keys, similarity matrices, VisionZip's merge)",
 }
 LM_HEAD_TEXT = {
     "last": "LM head on the last position only (the first generated token)",
@@ -283,6 +285,9 @@ def _component_flops(counts: dict[str, dict], wrapper: _Counted) -> dict[str, in
         top = [k for k in keys if not any(a != k and k.startswith(a + ".") for a in keys)]  # no double counting
         out[comp] = sum(totals[k] for k in top)
     out["total"] = totals.get("Global", 0)
+    # FLOPs outside every module are the pruning method's own work (training-free methods score with
+    # plain tensor ops and recomputed keys / attention rows: FastV, DivPrune, DART, PyramidDrop, VisionZip).
+    out["pruners"] += out["total"] - sum(out[c] for c in COMPONENTS)
     out["other"] = out["total"] - sum(out[c] for c in COMPONENTS)
     return out
 

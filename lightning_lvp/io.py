@@ -2,11 +2,14 @@
 
 The JSON holds what is needed to rebuild the method (``class_path`` and ``init_args``) and the
 LLM dimensions it was built for; loading onto a LLaVA of another hidden size or depth fails with
-a message naming both.
+a message naming both. Both files are written atomically (temporary file in the folder + rename);
+a folder without the weights of a method that has parameters, or a truncated file, is an error
+naming the file (never randomly initialised modules evaluated as if trained).
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import logging
@@ -14,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save
 
 from lightning_lvp.adapter import TextDims
+from lightning_lvp.checkpoint import atomic_write, atomic_write_text
 from lightning_lvp.methods.base import PruningMethod
 
 log = logging.getLogger(__name__)
@@ -58,7 +62,10 @@ def save_pruners(method: PruningMethod, folder: str | Path, overwrite: bool = Fa
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in method.state_dict().items()}
     if tensors:
-        save_file(tensors, str(folder / WEIGHTS))
+        with atomic_write(folder / WEIGHTS, "wb") as f:
+            f.write(save(tensors))
+    elif (folder / WEIGHTS).exists():  # overwriting trained pruners with a parameter-free method
+        (folder / WEIGHTS).unlink()
     meta = {
         "format_version": FORMAT_VERSION,
         "method": method_spec(method),
@@ -67,43 +74,113 @@ def save_pruners(method: PruningMethod, folder: str | Path, overwrite: bool = Fa
         "keep_ratios": method.keep_ratios,
         "num_parameters": sum(t.numel() for t in tensors.values()),
     }
-    (folder / META).write_text(json.dumps(meta, indent=2))
+    atomic_write_text(folder / META, json.dumps(meta, indent=2))
     return folder
+
+
+def file_fingerprint(path: str | Path) -> str:
+    """sha256 of a file's bytes (read in 1 MiB blocks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def model_fingerprint(model_path: str | Path, full_hash_below: int = 1 << 30) -> str:
+    """What identifies a model folder's weights: sha256 of its config and weight files when they total less
+    than ``full_hash_below`` bytes; else of the config plus each weight file's name, size and mtime (hashing
+    a 14 GB LLaVA-7B would take minutes). A hub id that is not a local folder is returned as it is."""
+    folder = Path(model_path)
+    if not folder.is_dir():
+        return f"hub:{model_path}"
+    files = sorted(p for p in folder.iterdir() if p.name == "config.json" or p.suffix in (".safetensors", ".bin"))
+    digest = hashlib.sha256()
+    full = sum(p.stat().st_size for p in files) < full_hash_below
+    for p in files:
+        digest.update(p.name.encode())
+        if full or p.name == "config.json":
+            digest.update(file_fingerprint(p).encode())
+        else:
+            digest.update(f"{p.stat().st_size}:{p.stat().st_mtime_ns}".encode())
+    return ("sha256:" if full else "sizes+mtimes:") + digest.hexdigest()
+
+
+def pruners_fingerprint(folder: str | Path) -> str:
+    """sha256 over the pruner files of ``folder`` (what sweep/compare record their rows were measured with)."""
+    digest = hashlib.sha256()
+    for name in (META, WEIGHTS):
+        path = Path(folder) / name
+        if path.exists():
+            digest.update(name.encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def load_pruners(folder: str | Path, dims: TextDims, device: str | torch.device = "cpu") -> PruningMethod:
     """Rebuilds a method from ``folder`` for an LLM with ``dims``.
 
     Raises:
-        FileNotFoundError: no ``pruners.json`` in the folder.
-        ValueError: the pruners were built for another hidden size or depth.
+        FileNotFoundError: no ``pruners.json`` in the folder, or no ``pruners.safetensors`` for a method
+            that has parameters (a trainable method would otherwise run with random weights).
+        ValueError: a truncated or foreign file (named), or pruners built for another hidden size or depth.
     """
     folder = Path(folder)
     if not (folder / META).exists():
         raise FileNotFoundError(f"{folder / META} not found (expected a folder written by save_pruners / export)")
-    meta = json.loads((folder / META).read_text())
-    saved = TextDims(**meta["dims"])
+    try:
+        meta = json.loads((folder / META).read_text())
+        saved = TextDims(**meta["dims"])
+        spec = meta["method"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise ValueError(
+            f"{folder / META} is truncated or not written by save_pruners / export ({type(e).__name__}: {e})"
+        ) from None
     for name in ("hidden_size", "num_layers"):
         if getattr(saved, name) != getattr(dims, name):
             raise ValueError(
                 f"pruners in {folder} were trained for an LLM with {name}={getattr(saved, name)}, "
                 f"but this LLaVA has {name}={getattr(dims, name)}"
             )
-    method = instantiate(meta["method"])
+    method = instantiate(spec)
     method.bind(dims)
-    if (folder / WEIGHTS).exists():
-        method.load_state_dict(load_file(str(folder / WEIGHTS), device=str(device)))
+    expected = method.state_dict()
+    if not (folder / WEIGHTS).exists():
+        if expected or method.trainable:
+            raise FileNotFoundError(
+                f"{folder / WEIGHTS} not found: {type(method).__name__} has {len(expected)} weight tensors and "
+                f"{folder / META} alone would give randomly initialised modules. Export the pruners again "
+                "(python -m lightning_lvp export --ckpt_path CKPT --out DIR)."
+            )
+        return method.to(device)
+    try:
+        weights = load((folder / WEIGHTS).read_bytes())
+    except Exception as e:  # safetensors: SafetensorError on a truncated or foreign file
+        raise ValueError(f"{folder / WEIGHTS} is truncated or not a safetensors file ({type(e).__name__}: {e})") from None
+    try:
+        method.load_state_dict(weights)
+    except RuntimeError as e:
+        raise ValueError(f"{folder / WEIGHTS} does not match {folder / META}: {e}") from None
     return method.to(device)
 
 
 def load_method(path: str | Path, dims: TextDims, device: str | torch.device = "cpu") -> PruningMethod:
-    """Pruners from an exported folder (``pruners.json``) or from any training checkpoint.
+    """Pruners from an exported folder (``pruners.json``), any training checkpoint, or a peer spec.
+
+    A peer spec names a training-free method and its arguments, e.g. ``"visionzip"`` or
+    ``"dart:k=2,keep_ratio=0.222"`` (:func:`lightning_lvp.methods.peers.build_peer`).
 
     A Lightning ``.ckpt`` file or a DeepSpeed folder is first exported to a temporary folder
     (:func:`lightning_lvp.export.export_pruners`), then loaded like an exported one.
     """
     import tempfile
 
+    from lightning_lvp.methods.peers import build_peer, is_peer_spec
+
+    if not Path(path).exists() and is_peer_spec(str(path)):  # a training-free peer, e.g. "dart:k=2"
+        method = build_peer(str(path), dims)
+        method.bind(dims)
+        return method.to(device)
     path = Path(path)
     if path.is_dir() and (path / META).exists():
         return load_pruners(path, dims, device)

@@ -24,6 +24,8 @@ from lightning_lvp.model import PrunedLlava
 from lightning_lvp.tiny import TinyLlavaSpec, build_tiny_llava
 
 SPEC = TinyLlavaSpec()  # 4 LLM layers, 16 patches
+PEER_ROWS_4_LAYERS = [f"{m}_{t}" for t in (64, 128, 192) for m in ("visionzip", "divprune", "dart")]
+PEER_ROWS_4_LAYERS.append("pdrop_192")
 
 
 def test_schedule_maths():
@@ -73,8 +75,15 @@ def test_entries(tiny):
     llava, lvp = tiny
     entries = build_entries(lvp, 4, 16, fastv_k=1, knee_args={"llm_layer": 1})
     names = [e.name for e in entries]
-    assert names == ["base", "lvp_rho0.6", "lvp_rho0.5", "lvp_rho0.45", "cls_knee", "fastv", "random", "uniform"]
+    assert names[:8] == ["base", "lvp_rho0.6", "lvp_rho0.5", "lvp_rho0.45", "cls_knee", "fastv", "random", "uniform"]
+    assert names[8:] == PEER_ROWS_4_LAYERS  # PyramidDrop cannot reach 64 or 128 of 576 with 3 of 4 layers unpruned
     by = {e.name: e for e in entries}
+    assert by["visionzip_192"].ratios == [pytest.approx(1 / 3, abs=1e-6)] and by["dart_64"].method.after_layers == [2]
+    pdrop = by["pdrop_192"]
+    assert pdrop.method.after_layers == [1, 2, 3]
+    lam = pdrop.method.lam
+    assert (1 + lam + lam**2 + lam**3) / 4 == pytest.approx(1 / 3, abs=1e-5)  # layer-mean kept share 192 / 576
+    assert pdrop.ratios[-1] == 0.0625  # lambda^3 x 16 < 1 token: raised to one token
     assert by["random"].ratios == [0.5, 0.3, 0.1] and by["random"].method.after_layers == [1, 2, 3]
     assert by["uniform"].method.after_layers == [1, 2, 3]
     # FastV after layer 1 of 4: (1 + 3 r) / 4 = mean([1, .5, .3, .1]) -> r = 0.3
@@ -85,7 +94,7 @@ def test_run_and_write_results(tiny, tmp_path):
     llava, lvp = tiny
     batches = labelled_batches(n_batches=1)
     rows = run_comparison(
-        llava, lvp, batches, fastv_k=1, knee_args={"llm_layer": 1}, flops_samples=0
+        llava, lvp, batches, fastv_k=1, knee_args={"llm_layer": 1}, flops_samples=0, peer_tokens=(192,)
     )  # FLOPs: slow test
     assert [r["name"] for r in rows][:2] == ["base", "lvp_rho0.6"]
     base, rho05, knee = rows[0], rows[2], rows[4]
@@ -93,8 +102,12 @@ def test_run_and_write_results(tiny, tmp_path):
     assert rho05["kept_vision"] == pytest.approx(round(0.1 * 16))
     assert rho05["kept_frac_layers"] == pytest.approx((1 + 0.5 + 0.3125 + 0.125) / 4)  # round(k x 16) / 16
     assert 0 < knee["kept_frac_final"] <= 1 and knee["ratios"] == [None, 0.5]
-    for r in rows[-2:]:  # random / uniform: LVPruning's exact per-stage counts at rho 0.5
+    for r in rows[6:8]:  # random / uniform: LVPruning's exact per-stage counts at rho 0.5
         assert r["kept_per_stage"] == rho05["kept_per_stage"]
+    by = {r["name"]: r for r in rows}
+    assert by["visionzip_192"]["kept_vision"] == round(16 / 3) - 1  # kept PATCHES: its CLS token is none
+    assert by["divprune_192"]["kept_vision"] == 5 and "pdrop_192" in by
+    assert by["dart_192"]["kept_vision"] == 4  # 4 image pivots, 5 // 8 = 0 tokens per pivot
     paths = write_results(rows, tmp_path / "out", {"command": "python -m lightning_lvp compare ..."})
     assert [p.name for p in paths] == list(RESULT_FILES) and all(p.stat().st_size > 0 for p in paths)
     with open(paths[0]) as f:
@@ -170,6 +183,7 @@ def test_compare_command_end_to_end(tmp_path):
         "fastv",
         "random",
         "uniform",
+        *PEER_ROWS_4_LAYERS,
     ]
     assert int(rows[0]["n"]) == 4  # 2 images x 2 question types x 1
     tflops = {r["name"]: float(r["tflops"]) for r in rows}

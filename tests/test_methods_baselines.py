@@ -352,3 +352,38 @@ def test_visionzip_cls_attention_matches_eager_tower(llava):
         probs, keys = adapter.vision_cls_attention(llava, feats.vision_input)
     torch.testing.assert_close(probs, ref.attentions[-1][:, :, 0], atol=1e-6, rtol=1e-5)  # feature layer -1
     assert keys.shape == (1, 1 + N, SPEC.vision_hidden_size // SPEC.vision_heads)
+
+
+# ------------------------------------------------------------------------------------------------ FLOPs
+def test_peer_overhead_is_counted_as_pruner_flops(llava):
+    """DivPrune's own work is its distance matrix, 2 N^2 D FLOPs; DART's the recomputed layer-k keys."""
+    from lightning_lvp.flops import count_forward
+
+    ids, pixels = prompt()
+    batch = {"input_ids": ids, "pixel_values": pixels, "attention_mask": torch.ones_like(ids)}
+    flops, _ = count_forward(PrunedLlava(llava, DivPrune(keep_ratio=0.25)), batch)
+    assert flops["pruners"] == 2 * N * N * SPEC.hidden_size and flops["other"] == 0
+    flops, _ = count_forward(PrunedLlava(llava, DART(k=2, keep_ratio=0.5, pivot_image=2, pivot_text=2)), batch)
+    t, d = ids.shape[1], SPEC.hidden_size
+    similarity = 2 * t * d * 4  # (L, D) x (D, 4 pivots)
+    assert flops["pruners"] == 2 * t * d * d + similarity  # k_proj (no GQA in the tiny model)
+
+
+def test_peers_by_name(llava):
+    from lightning_lvp.io import load_method
+    from lightning_lvp.methods.peers import build_peer, is_peer_spec, paper_layers, pyramid_lambda
+
+    dims = adapter.text_dims(llava.config)
+    m = build_peer("dart:k=3,keep_ratio=0.25,pivot_text=2")
+    assert isinstance(m, DART) and m.after_layers == [3] and m.keep_ratios == [0.25] and m.pivot_text == 2
+    assert build_peer("pdrop", dims).after_layers == [1, 2, 3] and paper_layers(32) == [8, 16, 24]
+    assert build_peer("pdrop:layers=1/3,lam=0.4").keep_ratios == pytest.approx([0.4, 0.16])
+    vz = load_method("visionzip:keep_ratio=0.25,cls_to_llm=false,layout=original", dims)
+    assert isinstance(vz, VisionZip) and not vz.cls_to_llm and vz.dims == dims
+    assert is_peer_spec("divprune") and not is_peer_spec("runs/pruners")
+    with pytest.raises(ValueError, match="unknown method"):
+        build_peer("sparsevlm")
+    with pytest.raises(ValueError, match="arg=value"):
+        build_peer("dart:k")
+    lam = pyramid_lambda(1 / 3, [8, 16, 24], 32)
+    assert (1 + lam + lam**2 + lam**3) / 4 == pytest.approx(1 / 3) and pyramid_lambda(0.1, [8, 16, 24], 32) is None

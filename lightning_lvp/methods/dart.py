@@ -83,10 +83,10 @@ def dart_keep(
         txt_slots = txt_slots[norms[b, txt_slots].argsort(descending=True, stable=True)]
         pivots = torch.cat([img_slots, txt_slots])
         order = pivot_order(positions[b, pivots].tolist())
+        similarity = unit[b] @ unit[b, pivots].T  # (L, P) cosine similarity of every token to each pivot
         remaining = vision[b] & ~img_piv[b]
-        for p in pivots[order].tolist():
-            similarity = unit[b] @ unit[b, p]  # (L,)
-            take = topk_keep(-similarity[None], remaining[None], per_pivot[b : b + 1])[0]
+        for p in order:
+            take = topk_keep(-similarity[None, :, p], remaining[None], per_pivot[b : b + 1])[0]
             kept[b] |= take
             remaining &= ~take
     return kept & vision

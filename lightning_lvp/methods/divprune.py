@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from lightning_lvp.methods.base import PruningMethod, StageContext
-from lightning_lvp.state import SeqState
+from lightning_lvp.state import SeqState, gather_rows, pack_index
 
 
 def cosine_distances(x: torch.Tensor) -> torch.Tensor:
@@ -41,7 +41,14 @@ def max_min_diverse(features: torch.Tensor, candidates: torch.Tensor, counts: to
     Returns:
         (B, L) bool, the selected tokens.
     """
-    dist = cosine_distances(features)  # (B, L, L), dist[b, i, j]
+    index, candidates_packed = pack_index(candidates)  # the candidates only: (B, K) slots
+    chosen = _max_min_packed(gather_rows(features, index), candidates_packed, counts)
+    return torch.zeros_like(candidates).scatter(1, index, chosen) & candidates
+
+
+def _max_min_packed(features: torch.Tensor, candidates: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """:func:`max_min_diverse` on packed rows (candidates right-aligned, fillers ``False``)."""
+    dist = cosine_distances(features)  # (B, K, K), dist[b, i, j]
     counts = torch.minimum(counts, candidates.sum(1))
     inf = torch.tensor(float("inf"), device=dist.device)
     # Step 0: per column j, the second smallest distance over candidate rows i (nearest other token).

@@ -86,3 +86,13 @@ def test_schedule_parsing():
 
 def test_schedule_flag_takes_the_common_syntax():
     assert sweep.build_schedules([], ["paper:0.5;0.6,0.4,0.2"], 3) == [[0.5, 0.3, 0.1], [0.6, 0.4, 0.2]]
+
+
+def test_sweep_takes_a_training_free_peer_by_name(setup, tmp_path):
+    """``--pruners divprune`` (a peer spec, issue #15): the sweep varies its keep ratio."""
+    root, model_dir = setup
+    out = tmp_path / "out"
+    argv = ["-c", str(root / "cfg.yaml"), "--pruners", "divprune", "--model_path", str(model_dir), "--rhos", "0.25"]
+    assert sweep.sweep_command([*argv, "--out", str(out), "--batch_size", "8", "--no_base", "--max_batches", "1"]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["ratios"] for r in rows] == [[0.25]] and rows[0]["kept_tokens"] == [9.0]  # round(0.25 x 36)

@@ -54,3 +54,36 @@ def test_generate_answers_records(generator):
     records = generate_answers("gqa", questions, generator, model_id="tiny", batch_size=2)
     assert [r["question_id"] for r in records] == ["q0", "q1", "q2"]
     assert all(r["prompt"].endswith("Answer the question using a single word or phrase.") for r in records)
+
+
+def test_from_pretrained_and_the_evaluate_command_read_one_schedule_syntax(tmp_path, generator):
+    """``PrunedLlava.from_pretrained`` (the commands' one loader) + ``evaluate --ratios`` in both spellings."""
+    import json
+
+    from lightning_lvp.eval.runner import evaluate_command
+    from lightning_lvp.io import save_pruners
+    from lightning_lvp.model import PrunedLlava
+
+    model_dir = tmp_path / "model"
+    tiny_model_folder(model_dir)
+    method = tiny_pruned_model(model_dir).method
+    save_pruners(method, tmp_path / "pruners")
+    loaded = PrunedLlava.from_pretrained(str(model_dir), str(tmp_path / "pruners"), dtype="bfloat16")
+    assert next(loaded.llava.parameters()).dtype == torch.bfloat16 and not loaded.training
+    saved = method.state_dict()
+    assert loaded.method.state_dict().keys() == saved.keys()
+    assert all(torch.equal(v, saved[k]) for k, v in loaded.method.state_dict().items())
+    assert PrunedLlava.from_pretrained(str(model_dir)).method is None
+
+    root = generator.image_folders[0]
+    (tmp_path / "q.jsonl").write_text(
+        "\n".join(json.dumps({"question_id": f"q{i}", "image": f"img{i}.png", "text": "What digit?"}) for i in range(3))
+    )
+    answers = {}
+    for name, ratios in (("explicit", "0.5,0.3,0.1"), ("paper", "paper:0.5")):
+        out = tmp_path / f"{name}.jsonl"
+        argv = ["--benchmark", "gqa", "--questions", str(tmp_path / "q.jsonl"), "--image_folder", root]
+        argv += ["--model_path", str(model_dir), "--pruners", str(tmp_path / "pruners"), "--ratios", ratios]
+        assert evaluate_command([*argv, "--max_new_tokens", "3", "--answers", str(out)]) == 0
+        answers[name] = [json.loads(line)["text"] for line in out.read_text().splitlines()]
+    assert len(answers["paper"]) == 3 and answers["paper"] == answers["explicit"]

@@ -373,7 +373,7 @@ def run_layer(
     model: LlavaForConditionalGeneration,
     index: int,
     hidden: torch.Tensor,
-    mask: torch.Tensor,
+    mask: torch.Tensor | None,
     position_ids: torch.Tensor,
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
     cache: DynamicCache | None = None,
@@ -384,7 +384,8 @@ def run_layer(
     Args:
         index: 0-based layer index.
         hidden: (B, L, D).
-        mask: (B, 1, Lq, Lk) bool, True = may attend.
+        mask: (B, 1, Lq, Lk) bool, True = may attend; None (inference only, ``keep`` None) = every key
+            is real: SDPA's causal path when Lq = Lk (prefill), every key when Lq = 1 (decode step).
         position_ids: (B, L) original positions.
         position_embeddings: (cos, sin) for those positions.
         cache: KV cache updated in place (inference), or None.

@@ -289,9 +289,11 @@ class PrunedLlava(nn.Module):
         n_patches = int(state.n_vision.max())
 
         def layout(st: SeqState):
-            return causal_mask(st.valid, st.valid.shape[1]), adapter.rotary(self.llava, st.hidden, st.position_ids)
+            """Mask, rotary embeddings, and whether every slot is real (then the layers need no mask)."""
+            mask = causal_mask(st.valid, st.valid.shape[1])
+            return mask, adapter.rotary(self.llava, st.hidden, st.position_ids), bool(st.valid.all())
 
-        mask, pos_emb = layout(state)
+        mask, pos_emb, dense = layout(state)
 
         def context(st: SeqState, s: int, i: int | None, layer_input, mask, pos_emb) -> StageContext:
             """What a method may read at stage s (each tensor recomputed lazily, only if asked for)."""
@@ -322,15 +324,17 @@ class PrunedLlava(nn.Module):
 
         if 0 in self.points:
             state = prune(state, self.points[0], None, None, None, None)
-            mask, pos_emb = layout(state)
+            mask, pos_emb, dense = layout(state)
         for i in range(self.dims.num_layers):
             layer_stage.append(len(stage_valid) - 1)
             layer_input = state.hidden
-            state.hidden = self._layer(i, layer_input, mask, state.position_ids, pos_emb, cache)
+            # No padding / filler slot: SDPA's own causal path (no materialised mask), as HF's prefill does.
+            layer_mask = None if dense else mask
+            state.hidden = self._layer(i, layer_input, layer_mask, state.position_ids, pos_emb, cache)
             s = self.points.get(i + 1)
             if s is not None:
                 state = prune(state, s, i, layer_input, mask, pos_emb)
-                mask, pos_emb = layout(state)
+                mask, pos_emb, dense = layout(state)
         return InferOutput(state.hidden, state, kept_patches, cache, stage_valid, layer_stage)
 
     # -------------------------------------------------------------------------------- generation

@@ -61,3 +61,18 @@ def decisions_from(out, batch) -> list[torch.Tensor]:
         d[vision] = kept.reshape(-1)
         result.append(d)
     return result
+
+
+@torch.no_grad()
+def assert_cached_equals_recomputed(model: PrunedLlava, batch: dict, max_new_tokens: int) -> None:
+    """Greedy generation with the pruned KV cache == re-running the whole prefix at every step."""
+    gen = model.generate(**inputs(batch), max_new_tokens=max_new_tokens, eos_token_id=-1)
+    assert gen.shape[1] == max_new_tokens
+    ids, mask, prompt = batch["input_ids"], batch["attention_mask"], batch["prompt_mask"]
+    for step in range(gen.shape[1]):
+        out = model.forward_infer(ids, batch["pixel_values"], mask, prompt)
+        nxt = model.logits(out.hidden[:, -1]).argmax(-1)
+        assert torch.equal(nxt, gen[:, step]), f"step {step}"
+        ids = torch.cat([ids, nxt[:, None]], 1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        prompt = torch.cat([prompt, torch.zeros_like(prompt[:, :1])], 1)

@@ -11,7 +11,7 @@ import os
 
 import pytest
 import torch
-from core_fixtures import decisions_from, inputs, make_batch, make_model
+from core_fixtures import assert_cached_equals_recomputed, decisions_from, inputs, make_batch, make_model
 
 DEVICE = os.environ.get("LVP_GPU_TEST_DEVICE", "cuda")
 pytestmark = [
@@ -52,16 +52,7 @@ def test_masking_equals_removal_on_gpu(padding):
 def test_cached_generation_equals_recomputation_on_gpu():
     model = make_model().to(DEVICE)
     batch = on_device(make_batch([(3, 6, 0), (5, 2, 0)], padding="left"))
-    with torch.no_grad():
-        gen = model.generate(**inputs(batch), max_new_tokens=5, eos_token_id=-1)
-        ids, mask, prompt = batch["input_ids"], batch["attention_mask"], batch["prompt_mask"]
-        for step in range(gen.shape[1]):
-            out = model.forward_infer(ids, batch["pixel_values"], mask, prompt)
-            nxt = model.logits(out.hidden[:, -1]).argmax(-1)
-            assert torch.equal(nxt, gen[:, step]), f"step {step}"
-            ids = torch.cat([ids, nxt[:, None]], 1)
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-            prompt = torch.cat([prompt, torch.zeros_like(prompt[:, :1])], 1)
+    assert_cached_equals_recomputed(model, batch, max_new_tokens=5)
 
 
 def test_bf16_matches_fp32_on_gpu():

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from core_fixtures import IMG, N_VIS, SPEC, decisions_from, inputs, make_batch, make_method, make_model
+from core_fixtures import (
+    IMG,
+    N_VIS,
+    SPEC,
+    assert_cached_equals_recomputed,
+    decisions_from,
+    inputs,
+    make_batch,
+    make_method,
+    make_model,
+)
 
 from lightning_lvp.model import PrunedLlava
 from lightning_lvp.tiny import build_tiny_llava
@@ -101,16 +111,7 @@ def test_kept_counts_and_original_positions():
 def test_cached_generation_matches_recomputation():
     model = make_model()
     batch = make_batch([(3, 6, 0), (5, 2, 0)], padding="left")
-    with torch.no_grad():
-        gen = model.generate(**inputs(batch), max_new_tokens=6, eos_token_id=-1)
-        ids, mask, prompt = batch["input_ids"], batch["attention_mask"], batch["prompt_mask"]
-        for step in range(gen.shape[1]):
-            out = model.forward_infer(ids, batch["pixel_values"], mask, prompt)
-            nxt = model.logits(out.hidden[:, -1]).argmax(-1)
-            assert torch.equal(nxt, gen[:, step]), f"step {step}"
-            ids = torch.cat([ids, nxt[:, None]], 1)
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-            prompt = torch.cat([prompt, torch.zeros_like(prompt[:, :1])], 1)
+    assert_cached_equals_recomputed(model, batch, max_new_tokens=6)
     sampled = model.generate(
         **inputs(batch),
         max_new_tokens=4,

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from lightning_lvp.adapter import TextDims
+from lightning_lvp.checkpoint import load_checkpoint_file
 from lightning_lvp.io import instantiate, save_pruners
 
 PREFIX = "method."
@@ -34,14 +35,17 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "consolidated.ckpt"
             convert_zero_checkpoint_to_fp32_state_dict(str(path), str(out))
-            return torch.load(out, map_location="cpu", weights_only=False)
-    return torch.load(path, map_location="cpu", weights_only=False)
+            return load_checkpoint_file(out)
+    return load_checkpoint_file(path)  # a truncated or foreign file: an error naming it
 
 
 def pruner_state(checkpoint: dict[str, Any]) -> tuple[dict[str, Any], TextDims, dict[str, torch.Tensor]]:
     """(method spec, LLM dims, method weights) stored in a checkpoint written by LVPModule."""
     if "lvp_method" not in checkpoint:
-        raise ValueError("checkpoint has no 'lvp_method' entry: it was not written by lightning_lvp's LVPModule")
+        raise ValueError(
+            "checkpoint has no 'lvp_method' entry: it was not written by lightning_lvp's LVPModule with a pruning "
+            "method (a base trained with model.train_base has no pruners)"
+        )
     meta = checkpoint["lvp_method"]
     state = checkpoint.get("state_dict") or checkpoint.get("module") or {}
     # DeepSpeed consolidation may prefix keys with "_forward_module."
@@ -57,7 +61,11 @@ def pruner_state(checkpoint: dict[str, Any]) -> tuple[dict[str, Any], TextDims, 
 
 def export_pruners(ckpt_path: str | Path, out: str | Path, overwrite: bool = False) -> Path:
     """Writes the pruners of ``ckpt_path`` into ``out``; returns ``out``."""
-    spec, dims, weights = pruner_state(read_checkpoint(ckpt_path))
+    checkpoint = read_checkpoint(ckpt_path)
+    try:
+        spec, dims, weights = pruner_state(checkpoint)
+    except ValueError as e:
+        raise ValueError(f"{ckpt_path}: {e}") from None
     method = instantiate(spec)
     method.bind(dims)
     method.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in weights.items()})

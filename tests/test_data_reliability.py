@@ -194,7 +194,7 @@ def test_fit_reports_skips_every_epoch_and_lists_every_bad_entry(processor_dir, 
     assert sum(m.startswith("val at step") and "missing_image=1" in m for m in messages) == 3
     out = capsys.readouterr().out
     summary = next(line for line in out.splitlines() if line.startswith("Bad samples in this fit"))
-    assert "dropped when reading 2 (multiple_image_tokens=2)" in summary  # train.json and val.json
+    assert "dropped when reading 1 (multiple_image_tokens=1)" in summary
     assert "train skipped 3 (missing_image=3)" in summary and "val skipped 3 (missing_image=3)" in summary
     run = tmp_path / "runs" / "demo" / "version_0"
     jsonl = run / "skipped_entries.jsonl"
@@ -203,7 +203,9 @@ def test_fit_reports_skips_every_epoch_and_lists_every_bad_entry(processor_dir, 
     load = Counter((r["split"], r["id"], r["reason"]) for r in records if r["stage"] == "load")
     assert load == {("train", "gone", "missing_image"): 3, ("val", "vgone", "missing_image"): 3}
     assert all(r["file"].endswith(("missing.png", "nope.png")) for r in records if r["stage"] == "load")
-    assert sorted(r["id"] for r in records if r["stage"] == "setup") == ["two", "two"]
+    assert [(r["id"], r["reason"], r["file"]) for r in records if r["stage"] == "setup"] == [
+        ("two", "multiple_image_tokens", str(train))
+    ]
     tb = scalars(run)
     assert [v for _, v in tb["skipped/train"]] == [1.0, 1.0, 1.0]
     assert [v for _, v in tb["skipped/train/missing_image"]] == [1.0, 1.0, 1.0]

@@ -77,7 +77,9 @@ def final_state(cli) -> tuple[dict, dict, list[float]]:
 
 def test_interrupted_run_resumed_from_the_cli_ends_bitwise_equal(model_dir, tmp_path, capsys):
     cache = tmp_path / "cache"
-    whole = final_state(run_lightning_cli(run_args(model_dir, tmp_path / "whole", cache)))
+    uninterrupted = run_lightning_cli(run_args(model_dir, tmp_path / "whole", cache))
+    assert type(uninterrupted.trainer.progress_bar_callback).__name__ == "StepProgressBar"  # not "Epoch 0/-2"
+    whole = final_state(uninterrupted)
     killed = run_args(model_dir, tmp_path / "cut", cache, extra=["--trainer.callbacks+=test_resume.KillAt"])
     with pytest.raises(Killed):
         run_lightning_cli(killed)  # dies mid-epoch 1, after the step-6 checkpoint

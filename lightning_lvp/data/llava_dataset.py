@@ -432,6 +432,12 @@ class LlavaDataset(Dataset):
         self.image_processor = processor.image_processor
         self.num_image_tokens = num_image_tokens(processor)
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        if self.image_token_id is None or self.image_token_id == self.tokenizer.unk_token_id:
+            raise ValueError(
+                f"the tokenizer of the processor ({getattr(self.tokenizer, 'name_or_path', '')}) has no {IMAGE_TOKEN} "
+                f"token: add it (tokenizer.add_tokens(['{IMAGE_TOKEN}'], special_tokens=True), then save_pretrained) "
+                "and set the model config's image_token_id to its id"
+            )
         self.max_length = max_length
         self.policy = policy
         self.prompt_only = prompt_only

@@ -184,3 +184,15 @@ def test_transformers_version_is_inside_the_tested_pin():
 
     low, high = adapter.TESTED_TRANSFORMERS
     assert Version(low) <= Version(adapter.transformers_version()) < Version(high)
+
+
+def test_vision_dims_agree_with_the_processor_token_count():
+    """The data pipeline counts image tokens from the processor, the model code from the config: same number."""
+    from lightning_lvp.data.llava_dataset import num_image_tokens
+    from lightning_lvp.data.tokenizer import build_tiny_processor
+    from lightning_lvp.tiny import tiny_llava_config
+
+    for image_size, patch_size in ((16, 4), (48, 8)):
+        config = tiny_llava_config(image_size=image_size, patch_size=patch_size)
+        processor = build_tiny_processor(image_size, patch_size)
+        assert adapter.vision_dims(config).tokens_per_image == num_image_tokens(processor)

@@ -86,6 +86,25 @@ class SeqState:
         return new
 
 
+def consecutive_positions(valid: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
+    """Positions renumbered 0, 1, 2, ... over the valid slots, shifted so the last slot gets ``end``.
+
+    The layout of methods whose authors renumber the positions after removing tokens before the
+    LLM (VisionZip, DivPrune). Rotary attention depends only on position differences, so this is
+    their layout, while the last token (and every token generated after it) keeps its original
+    position: the cached decode path needs no change.
+
+    Args:
+        valid: (B, L) bool, rows left-packed.
+        end: (B, 1) original position of each row's last token.
+
+    Returns:
+        (B, L) positions (``end`` minus the number of valid slots after each slot; arbitrary on fillers).
+    """
+    later = valid.flip(1).long().cumsum(1).flip(1) - valid.long()
+    return end - later
+
+
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Rotary positions for left- or right-padded rows: cumsum(mask) - 1, 0 on padding.
 

@@ -30,6 +30,7 @@ METHODS = {
     "random": lambda: RandomPruning([0, 2], [0.5, 0.25], seed=1),
     "uniform": lambda: UniformPruning([1, 3], [0.5, 0.125]),
     "divprune": lambda: DivPrune(keep_ratio=0.25),
+    "divprune_consecutive": lambda: DivPrune(keep_ratio=0.25, positions="consecutive"),
     "dart": lambda: DART(k=1, keep_ratio=0.5, pivot_image=2, pivot_text=2),
     "pdrop": lambda: PyramidDrop(layers=[1, 2], lam=0.5),
     "visionzip": lambda: VisionZip(keep_ratio=0.5, contextual_fraction=0.25),

@@ -1,7 +1,9 @@
-"""Our VisionZip reproduces the authors' code (visionzip 0.1.3 on the original LLaVA, transformers 4.37).
+"""Our VisionZip and DivPrune reproduce the authors' code (visionzip 0.1.3 / github.com/vbdi/divprune on
+the original LLaVA, transformers 4.37).
 
-The golden file and the tiny weights come from ``benchmarks/peers/visionzip_golden.py`` (run in a
-separate old-transformers venv); this test needs only the normal environment.
+The golden files and the tiny weights come from ``benchmarks/peers/visionzip_golden.py`` and
+``divprune_golden.py`` (run in a separate old-transformers venv); this test needs only the normal
+environment.
 """
 
 import json
@@ -12,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from lightning_lvp import adapter
-from lightning_lvp.methods import VisionZip
+from lightning_lvp.methods import DivPrune, VisionZip
 from lightning_lvp.methods.visionzip import split_counts
 from lightning_lvp.model import PrunedLlava
 from lightning_lvp.tiny import TinyLlavaSpec, tiny_llava_config
@@ -79,3 +81,20 @@ def test_visionzip_reproduces_the_authors(llava, golden, setting):
         assert out.kept_patches[0][0].sum().item() == total - 1  # the CLS token is no patch
         torch.testing.assert_close(block, torch.tensor(row["image_block"]), atol=2e-5, rtol=1e-4)
         assert generate(model, ids, pixels, golden) == row["tokens"][1:]
+
+
+@pytest.mark.parametrize("setting", range(3))
+def test_divprune_reproduces_the_authors(llava, golden, setting):
+    divprune = json.loads((GOLDEN / "divprune.json").read_text())
+    cfg = divprune["settings"][setting]
+    model = PrunedLlava(llava, DivPrune(keep_ratio=cfg["ratio"], positions="consecutive"))
+    pad = adapter.pad_token_id(llava)
+    d = golden["dims"]
+    for i, (prompt, row) in enumerate(zip(divprune["prompts"], cfg["samples"], strict=True)):
+        _, pixels = inputs(golden, i)
+        ids = torch.tensor([prompt["pre"] + [d["image_token_id"]] * golden["num_patches"] + prompt["post"]])
+        out = model.forward_infer(ids, pixels)
+        assert out.kept_patches[0][0].nonzero().squeeze(1).tolist() == row["kept_patches"]
+        expected = row["tokens"][1:]  # [0]: HF 4.37's start token; shorter where it met eos
+        tokens = generate(model, ids, pixels, golden)
+        assert tokens[: len(expected)] == expected and all(t == pad for t in tokens[len(expected) :])

@@ -12,8 +12,9 @@ smallest is the token's distance to itself), ties go to the first index (``argma
 differ, deliberately: already selected tokens are excluded from later picks (the authors rely on
 their distance to themselves being 0, so exact duplicates could be picked twice and the kept
 count fall short); the count is k = round(rho N) of the framework (theirs: Python's ``round``,
-which differs only at exact halves); kept tokens keep their original positions (theirs are
-renumbered, the framework's convention is METHOD §4).
+which differs only at exact halves); kept tokens keep their original positions by default
+(METHOD §4); ``positions="consecutive"`` gives the authors' renumbering (golden outputs of their
+code: ``tests/test_peers_golden.py``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from lightning_lvp.methods.base import PruningMethod, StageContext
-from lightning_lvp.state import SeqState, gather_rows, pack_index
+from lightning_lvp.state import SeqState, consecutive_positions, gather_rows, pack_index
 
 
 def cosine_distances(x: torch.Tensor) -> torch.Tensor:
@@ -73,11 +74,25 @@ class DivPrune(PruningMethod):
     Args:
         keep_ratio: kept fraction of the original vision tokens.
         after_layer: pruning point; 0 = the LLM input (the paper's LLaVA setting), l = after LLM layer l.
+        positions: "original" (the framework's convention) or "consecutive" (the authors' renumbering,
+            :func:`~lightning_lvp.state.consecutive_positions`; LLM input only).
     """
 
-    def __init__(self, keep_ratio: float = 0.098, after_layer: int = 0):
+    def __init__(self, keep_ratio: float = 0.098, after_layer: int = 0, positions: str = "original"):
         super().__init__([after_layer], [keep_ratio])
+        if positions not in ("original", "consecutive"):
+            raise ValueError(f"DivPrune positions must be 'original' or 'consecutive', got {positions!r}")
+        if positions == "consecutive" and after_layer != 0:
+            raise ValueError("DivPrune positions='consecutive' needs after_layer=0 (no cached layer may change positions)")
+        self.positions = positions
 
     def select(self, state: SeqState, ctx: StageContext, ratio: float | None) -> torch.Tensor:
         keep = max_min_diverse(state.hidden, state.alive_vision, self.counts(state, ctx, ratio))
         return (state.valid & ~state.vision) | keep
+
+    def apply(self, state: SeqState, ctx: StageContext, ratio: float | None) -> SeqState:
+        new = state.select(self.select(state, ctx, ratio))
+        if self.positions == "consecutive":
+            end = state.position_ids[:, -1:]  # rows are left-packed: the last slot is the last token
+            new.position_ids = torch.where(new.valid, consecutive_positions(new.valid, end), new.position_ids)
+        return new

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_lvp.methods.base import PruningMethod, StageContext, keep_counts, topk_keep
-from lightning_lvp.state import SeqState, gather_rows, pack_index
+from lightning_lvp.state import SeqState, consecutive_positions, gather_rows, pack_index
 
 
 def split_counts(total: int, contextual_fraction: float, cls_to_llm: bool) -> tuple[int, int]:
@@ -162,6 +162,5 @@ class VisionZip(PruningMethod):
         slots = new.alive_vision
         new.hidden = new.hidden.masked_scatter(slots[..., None], block)
         new.patch_index = new.patch_index.masked_scatter(slots, patches)
-        later = new.valid.flip(1).long().cumsum(1).flip(1) - new.valid.long()  # valid slots after each slot
-        new.position_ids = torch.where(new.valid, end - later, new.position_ids)
+        new.position_ids = torch.where(new.valid, consecutive_positions(new.valid, end), new.position_ids)
         return new

@@ -387,3 +387,22 @@ def test_peers_by_name(llava):
         build_peer("dart:k")
     lam = pyramid_lambda(1 / 3, [8, 16, 24], 32)
     assert (1 + lam + lam**2 + lam**3) / 4 == pytest.approx(1 / 3) and pyramid_lambda(0.1, [8, 16, 24], 32) is None
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        lambda: DivPrune(keep_ratio=0.25),
+        lambda: DART(k=1, keep_ratio=0.5, pivot_image=2, pivot_text=2),
+        lambda: PyramidDrop(layers=[1, 2], lam=0.5),
+        lambda: VisionZip(keep_ratio=0.5, contextual_fraction=0.25),
+    ],
+)
+def test_peers_on_grouped_query_attention(method):
+    """Keys and attention rows of a GQA LLM (2 key/value heads for 4 query heads)."""
+    llava = build_tiny_llava(SPEC, seed=1, num_kv_heads=2)
+    ids, pixels = prompt()
+    model = PrunedLlava(llava, method())
+    out = model.forward_infer(ids, pixels)
+    assert int(out.kept_patches[-1].sum()) < N
+    assert model.generate(ids, pixels, max_new_tokens=2, eos_token_id=-1).shape == (1, 2)

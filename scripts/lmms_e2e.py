@@ -20,8 +20,9 @@ Steps:
    ``--batch_size auto``, ``--device cpu``), then ``python -m lightning_lvp evaluate`` on the same
    items; the results JSON must exist (lmms-eval exits 0 even when a run failed) and both scores must
    be equal;
-4. optionally (``--processes 2``) the unpruned run again under ``accelerate launch --cpu
-   --num_processes 2``: each process must answer a disjoint half and the score must not change.
+4. optionally (``--processes 2``) the unpruned run again under ``accelerate launch --multi_gpu
+   --num_processes 2`` (CPU processes, gloo): both ranks must run, the gathered samples must hold
+   every document exactly once, and the score must not change.
 
 Writes ``OUT/summary.json``; exits 1 if any check fails.
 """
@@ -160,21 +161,23 @@ def lmms_command(model: str, pruners: str | None, tasks: Path, output: Path, pro
             "--batch_size", "auto", "--device", "cpu", "--output_path", str(output), "--log_samples"]
     if processes > 1:
         accelerate = str(Path(sys.executable).with_name("accelerate"))
-        return [accelerate, "launch", "--cpu", "--num_processes", str(processes), "--num_machines", "1",
+        # --multi_gpu is accelerate's multi-process launcher (torchrun); without CUDA each process runs on
+        # the CPU with gloo. (--cpu would start ONE process whatever --num_processes says.)
+        return [accelerate, "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
                 "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "lmms_eval", *args]
     return [sys.executable, "-m", "lmms_eval", *args]
 
 
-def lmms_result(output: Path) -> tuple[float | None, str | None, int]:
-    """(exact_match, results file, number of logged samples) of the newest run under ``output``."""
+def lmms_result(output: Path) -> tuple[float | None, str | None, list[int]]:
+    """(exact_match, results file, doc ids of the logged samples) of the newest run under ``output``."""
     files = sorted(glob.glob(str(output / "**" / "*_results.json"), recursive=True), key=os.path.getmtime)
     if not files:
-        return None, None, 0
+        return None, None, []
     res = json.loads(Path(files[-1]).read_text())
     score = res["results"][TASK]["exact_match,none"]
     samples = glob.glob(str(Path(files[-1]).parent / f"*samples_{TASK}*.jsonl"))
-    n = sum(1 for f in samples for line in open(f) if line.strip())
-    return float(score), files[-1], n
+    docs = [json.loads(line)["doc_id"] for f in samples for line in open(f) if line.strip()]
+    return float(score), files[-1], docs
 
 
 def evaluate_command(model: str, pruners: str | None, root: Path, q: Path, gt: Path, answers: Path) -> list[str]:
@@ -195,9 +198,12 @@ def check_method(name: str, pruners: str | None, args, paths, out: Path, process
     root, q, gt, _, tasks = paths
     tag = name if processes == 1 else f"{name}_x{processes}"
     rc, secs = run(lmms_command(args.model, pruners, tasks, out / "lmms" / tag, processes), out / f"lmms_{tag}.log")
-    lmms_score, results_file, n_logged = lmms_result(out / "lmms" / tag)
+    lmms_score, results_file, docs = lmms_result(out / "lmms" / tag)
+    log_text = (out / f"lmms_{tag}.log").read_text(errors="replace")
+    ranks = sorted({r for r in range(processes) if f"Running on rank {r} " in log_text})
     row = {"method": name, "processes": processes, "lmms_rc": rc, "lmms_seconds": round(secs, 1),
-           "results_json": results_file, "lmms_exact_match": lmms_score, "logged_samples": n_logged}
+           "results_json": results_file, "lmms_exact_match": lmms_score, "logged_samples": len(docs),
+           "distinct_docs": len(set(docs)), "ranks_seen": ranks}
     if processes == 1:
         erc, esecs = run(evaluate_command(args.model, pruners, root, q, gt, out / f"answers_{name}.jsonl"),
                          out / f"evaluate_{name}.log")
@@ -230,8 +236,11 @@ def main(argv: list[str] | None = None) -> int:
         want = r.get("evaluate_accuracy", rows[0].get("evaluate_accuracy"))
         if want is None or abs(r["lmms_exact_match"] - want) > 1e-9:
             failures.append(f"{r['method']} x{r['processes']}: lmms-eval {r['lmms_exact_match']} != evaluate {want}")
-        if r["logged_samples"] != n_items:
-            failures.append(f"{r['method']} x{r['processes']}: {r['logged_samples']} logged samples, {n_items} items")
+        if r["logged_samples"] != n_items or r["distinct_docs"] != n_items:
+            failures.append(f"{r['method']} x{r['processes']}: {r['logged_samples']} logged samples "
+                            f"({r['distinct_docs']} distinct), {n_items} items")
+        if r["ranks_seen"] != list(range(r["processes"])):
+            failures.append(f"{r['method']} x{r['processes']}: ranks seen {r['ranks_seen']}")
     summary = {"items": n_items, "model": args.model, "rows": rows, "failures": failures}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps({"items": n_items, "failures": failures}), flush=True)

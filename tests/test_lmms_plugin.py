@@ -10,7 +10,7 @@ import pytest
 import torch
 from cli_fixtures import tiny_model_folder, tiny_pruned_model
 from PIL import Image
-from transformers import AutoProcessor
+from transformers import AutoProcessor, StoppingCriteriaList
 
 from lightning_lvp.eval.benchmarks import PromptItem
 from lightning_lvp.eval.lmms_plugin import (
@@ -26,7 +26,7 @@ from lightning_lvp.eval.lmms_plugin import (
 )
 from lightning_lvp.eval.runner import PrunedGenerator
 from lightning_lvp.evaluate import model_inputs
-from lightning_lvp.generation import PrunedCache
+from lightning_lvp.generation import DecodedStopStrings, PrunedCache
 
 QUESTIONS = ["Is there a 7 in the image?", "What digit is in r2c2?", "How many 3s are in row 1?"]
 
@@ -90,6 +90,23 @@ def test_task_generation_kwargs_reach_generate(setup):
     assert got == want
     greedy = direct_answers(setup, plugin, max_new_tokens=3)
     assert plugin.generate_until(requests({"max_new_tokens": 3, "temperature": 0, "do_sample": True})) == greedy
+
+
+def test_until_stops_decoding_and_cuts(setup):
+    plugin = make_plugin(setup, batch_size=3)
+    full = plugin.generate_until(requests({"max_new_tokens": 6}))
+    words = full[0].split()
+    assert len(words) > 1, full  # the tiny random model says several words
+    stop = words[1]
+    got = plugin.generate_until(requests({"max_new_tokens": 6, "until": [stop]}))
+    assert got == [cut_at(t, [stop]).strip() for t in full]
+    _, _, model, images, processor = setup
+    batch = plugin.collate([encode_sample(processor, q, im) for q, im in zip(QUESTIONS, images)])
+    stops = DecodedStopStrings(processor.tokenizer, [stop], batch["input_ids"].shape[1])
+    opts = dict(ratios=plugin.ratios, max_new_tokens=6)
+    unstopped = model.generate(**model_inputs(batch), **opts)
+    stopped = model.generate(**model_inputs(batch), **opts, stopping_criteria=StoppingCriteriaList([stops]))
+    assert stopped.shape[1] < unstopped.shape[1]  # decoding ended early (every row reached the stop word)
 
 
 def test_generation_options_mapping():

@@ -134,7 +134,9 @@ class RatioSweep(L.Callback):
             self._plot(trainer, rows)
             if log_dir:
                 Path(log_dir).mkdir(parents=True, exist_ok=True)
-                (Path(log_dir) / "sweep.json").write_text(json.dumps(rows, indent=2))
+                from lightning_lvp.checkpoint import atomic_write_text  # a kill never leaves it half written
+
+                atomic_write_text(Path(log_dir) / "sweep.json", json.dumps(rows, indent=2))
 
     def _plot(self, trainer, rows: list[dict[str, Any]]) -> None:
         experiment = getattr(trainer.logger, "experiment", None)

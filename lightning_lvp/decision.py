@@ -7,6 +7,27 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE tables (Su et al. 2021, as Llama's default rotary): cos and sin, each (B, N, head_dim).
+
+    Args:
+        positions: (B, N) ORIGINAL position ids of the tokens (the LLM's own rotary positions).
+        head_dim: per-head width (even).
+        theta: RoPE base.
+    """
+    inv_freq = theta ** -(torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.float()[..., None] * inv_freq  # (B, N, head_dim / 2)
+    angles = torch.cat([angles, angles], -1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotates (B, H, N, head_dim) by (B, N, head_dim) tables (the ``rotate_half`` convention)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
+    return (x * cos[:, None] + rotated * sin[:, None]).to(x.dtype)
+
+
 class CrossAttentionBlock(nn.Module):
     """Vision tokens (queries) attend to text tokens (keys/values); residual on Q; then the FFN.
 
@@ -42,22 +63,31 @@ class CrossAttentionBlock(nn.Module):
         b, n, c = x.shape
         return x.view(b, n, self.num_heads, c // self.num_heads).transpose(1, 2)  # (B, H, N, C/H)
 
-    def forward(self, x: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        text: torch.Tensor,
+        text_mask: torch.Tensor,
+        rotary: tuple[torch.Tensor, ...] | None = None,
+    ) -> torch.Tensor:
         """
         Args:
             x: (B, Nv, C) vision queries.
             text: (B, Nt, C) text keys/values.
             text_mask: (B, Nt) bool, False for padding / non-key slots (never attended).
+            rotary: optional (cos_v, sin_v, cos_t, sin_t) RoPE tables of the vision and text tokens'
+                original positions (:func:`rotary_cos_sin`); rotates the attention queries and keys.
 
         Returns:
             (B, Nv, C).
         """
         q = self.q_proj(x)
+        qh, kh = self._heads(q), self._heads(self.k_proj(text))
+        if rotary is not None:
+            cos_v, sin_v, cos_t, sin_t = rotary
+            qh, kh = apply_rotary(qh, cos_v, sin_v), apply_rotary(kh, cos_t, sin_t)
         attn = F.scaled_dot_product_attention(
-            self._heads(q),
-            self._heads(self.k_proj(text)),
-            self._heads(self.v_proj(text)),
-            attn_mask=text_mask[:, None, None, :],
+            qh, kh, self._heads(self.v_proj(text)), attn_mask=text_mask[:, None, None, :]
         )  # (B, H, Nv, C/H)
         o = self.o_proj(attn.transpose(1, 2).reshape(q.shape)) + q  # residual on Q
         return self.ffn(o)
@@ -73,6 +103,12 @@ class DecisionModule(nn.Module):
         num_heads: heads per block (paper: 8).
         ffn_mult: FFN expansion (paper: 2).
         input_norm: apply a LayerNorm to the LLM hidden states first (not in the paper; off by default).
+        rotary: rotate the cross-attention queries and keys by the tokens' ORIGINAL positions (RoPE, as the
+            LLM's own attention does; not in the paper, off by default). A base whose vision features carry no
+            position (the tiny demo base locates a cell only through the LLM's rotary positions) gives a
+            content-only module no way to tell which patch a question names (docs/RESULTS.md); with the
+            positions the module can match "r3c5" to the patch at that offset.
+        rope_theta: RoPE base of ``rotary``.
     """
 
     def __init__(
@@ -83,30 +119,51 @@ class DecisionModule(nn.Module):
         num_heads: int = 8,
         ffn_mult: int = 2,
         input_norm: bool = False,
+        rotary: bool = False,
+        rope_theta: float = 10000.0,
     ):
         super().__init__()
         dim = dim or hidden_size
+        if rotary and (dim // num_heads) % 2:
+            raise ValueError(f"rotary needs an even head width, got dim={dim} / num_heads={num_heads}")
+        self.rotary, self.rope_theta, self.head_dim = rotary, rope_theta, dim // num_heads
         self.norm = nn.LayerNorm(hidden_size) if input_norm else nn.Identity()
         self.in_proj = nn.Identity() if dim == hidden_size else nn.Linear(hidden_size, dim)
         self.blocks = nn.ModuleList(CrossAttentionBlock(dim, num_heads, ffn_mult) for _ in range(num_blocks))
         self.head = nn.Linear(dim, 2)  # W_O
 
-    def forward(self, vision: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        vision: torch.Tensor,
+        text: torch.Tensor,
+        text_mask: torch.Tensor,
+        vision_pos: torch.Tensor | None = None,
+        text_pos: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """
         Args:
             vision: (B, Nv, d) hidden states of the vision tokens still alive.
             text: (B, Nt, d) hidden states of the key text tokens.
             text_mask: (B, Nt) bool.
+            vision_pos, text_pos: (B, Nv) / (B, Nt) original position ids (required with ``rotary``).
 
         Returns:
             gamma: (B, Nv, 2) keep/drop logits.
         """
         if not bool(text_mask.any(1).all()):
             raise ValueError("every sample needs at least one text token as key for the decision module")
+        rotary = None
+        if self.rotary:
+            if vision_pos is None or text_pos is None:
+                raise ValueError("a decision module with rotary=True needs vision_pos and text_pos")
+            rotary = (
+                *rotary_cos_sin(vision_pos, self.head_dim, self.rope_theta),
+                *rotary_cos_sin(text_pos, self.head_dim, self.rope_theta),
+            )
         x = self.in_proj(self.norm(vision))
         t = self.in_proj(self.norm(text))
         for block in self.blocks:
-            x = block(x, t, text_mask)
+            x = block(x, t, text_mask, rotary)
         return self.head(x)
 
 

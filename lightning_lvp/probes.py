@@ -54,6 +54,7 @@ class Tokens:
         text_valid: (B, Nt) bool.
         relevant: (B, Nv) bool, the relevant patches (all False when the batch has no ``relevant_mask``).
         patch: (B, Nv) long, patch index of each vision slot (-1 for filler).
+        vision_pos, text_pos: (B, Nv) / (B, Nt) original position ids (for a ``rotary`` module).
     """
 
     vision: torch.Tensor
@@ -62,6 +63,8 @@ class Tokens:
     text_valid: torch.Tensor
     relevant: torch.Tensor
     patch: torch.Tensor
+    vision_pos: torch.Tensor | None = None
+    text_pos: torch.Tensor | None = None
 
 
 @torch.no_grad()
@@ -99,7 +102,8 @@ def pack_tokens(state: SeqState, hidden: torch.Tensor, relevant_mask: torch.Tens
     ki, kv = pack_index(state.key_text & state.valid)
     rel = torch.zeros_like(qv) if relevant_mask is None else gather_rows(relevant_mask.to(qv.device).bool(), qi) & qv
     patch = torch.where(qv, gather_rows(state.patch_index, qi), -1)
-    return Tokens(gather_rows(hidden, qi), qv, gather_rows(hidden, ki), kv, rel, patch)
+    pos = state.position_ids
+    return Tokens(gather_rows(hidden, qi), qv, gather_rows(hidden, ki), kv, rel, patch, gather_rows(pos, qi), gather_rows(pos, ki))
 
 
 def batches(loader: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -116,7 +120,7 @@ def batches(loader: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
 # ---------------------------------------------------------------------------------- relevance
 def keep_log_odds(module: DecisionModule, tokens: Tokens) -> torch.Tensor:
     """(B, Nv) gamma_keep - gamma_drop: what the Gumbel decision and LVPruning's ``log_odds`` ranking read."""
-    gamma = module(tokens.vision, tokens.text, tokens.text_valid)
+    gamma = module(tokens.vision, tokens.text, tokens.text_valid, tokens.vision_pos, tokens.text_pos)
     return gamma[..., 0] - gamma[..., 1]
 
 
@@ -240,6 +244,7 @@ class RelevanceProbeArgs:
         num_blocks: cross-attention blocks.
         ffn_mult: FFN expansion.
         input_norm: LayerNorm on the LLM hidden states first.
+        rotary: RoPE at the tokens' original positions in the module's cross-attention (not in the paper).
         eval_batches: validation batches scored.
         eval_every: also score every this many steps (0 = only at the end).
         oracle_position: add a fixed random code per patch index to the vision states the module reads
@@ -258,6 +263,7 @@ class RelevanceProbeArgs:
     num_blocks: int = 2
     ffn_mult: int = 2
     input_norm: bool = False
+    rotary: bool = False
     eval_batches: int = 4
     eval_every: int = 0
     oracle_position: bool = False
@@ -280,7 +286,7 @@ def relevance_probe(
     torch.manual_seed(args.seed)
     device = next(model.parameters()).device
     module = DecisionModule(
-        model.dims.hidden_size, args.dim, args.num_blocks, args.num_heads, args.ffn_mult, args.input_norm
+        model.dims.hidden_size, args.dim, args.num_blocks, args.num_heads, args.ffn_mult, args.input_norm, args.rotary
     ).to(device)
     t0 = time.perf_counter()
     codes = None
@@ -480,6 +486,8 @@ def _parser() -> argparse.ArgumentParser:
     rel.add_argument("--ffn_mult", type=int, default=None, help="FFN expansion (default: the method's, else 2)")
     rel.add_argument("--input_norm", action=argparse.BooleanOptionalAction, default=None,
                      help="LayerNorm on the LLM hidden states before the module (default: the method's, else off)")
+    rel.add_argument("--rotary", action=argparse.BooleanOptionalAction, default=None,
+                     help="RoPE at the original positions in the module's attention (default: the method's, else off)")
     rel.add_argument("--eval_batches", type=int, default=4, help="validation batches scored")
     rel.add_argument("--eval_every", type=int, default=0, help="also score every N steps (0: only at the end)")
     rel.add_argument("--oracle_position", action="store_true",
@@ -514,6 +522,7 @@ def relevance_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
             num_blocks=args.num_blocks or arch.get("num_blocks", 2),
             ffn_mult=args.ffn_mult or arch.get("ffn_mult", 2),
             input_norm=args.input_norm if args.input_norm is not None else arch.get("input_norm", False),
+            rotary=args.rotary if args.rotary is not None else arch.get("rotary", False),
             eval_batches=args.eval_batches,
             eval_every=args.eval_every,
             oracle_position=args.oracle_position,

@@ -63,3 +63,35 @@ def test_ratio_loss_exact_values():
     assert far.item() == pytest.approx(0.325)
     with pytest.raises(ValueError, match="ratio loss kind"):
         ratio_loss(kept, target, "l1")
+
+
+def test_rotary_tables_match_llama_rope():
+    """Our RoPE (pure torch) == transformers' Llama rotary embedding + apply_rotary_pos_emb on the same positions."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    from lightning_lvp.decision import apply_rotary, rotary_cos_sin
+
+    cfg = LlamaConfig(hidden_size=32, num_attention_heads=2, head_dim=16)
+    pos = torch.tensor([[0, 3, 7, 40], [5, 6, 9, 100]])
+    x = torch.randn(2, 2, 4, 16)  # (B, H, N, head_dim)
+    cos, sin = LlamaRotaryEmbedding(cfg)(x, pos)
+    ref, _ = apply_rotary_pos_emb(x, x, cos, sin)
+    ours = apply_rotary(x, *rotary_cos_sin(pos, 16, cfg.rope_parameters["rope_theta"]))
+    torch.testing.assert_close(ours, ref)
+
+
+def test_rotary_module_depends_on_relative_positions_only():
+    torch.manual_seed(0)
+    m = DecisionModule(hidden_size=16, num_blocks=2, num_heads=2, rotary=True)
+    vision, text = torch.randn(1, 5, 16), torch.randn(1, 3, 16)
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    vpos, tpos = torch.arange(5)[None], torch.tensor([[9, 10, 12]])
+    gamma = m(vision, text, mask, vpos, tpos)
+    torch.testing.assert_close(m(vision, text, mask, vpos + 17, tpos + 17), gamma)  # a shift changes nothing
+    assert not torch.allclose(m(vision, text, mask, vpos, tpos + 3), gamma)  # another offset does
+    with pytest.raises(ValueError, match="vision_pos"):
+        m(vision, text, mask)
+    plain = DecisionModule(hidden_size=16, num_blocks=2, num_heads=2)
+    plain.load_state_dict(m.state_dict())  # same weights: rotary adds no parameters
+    assert not torch.allclose(plain(vision, text, mask), gamma)

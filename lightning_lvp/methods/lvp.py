@@ -27,6 +27,8 @@ class LVPruning(PruningMethod):
         ffn_mult: FFN expansion (paper: 2).
         dim: module width C; None = LLM hidden size (paper). A smaller C adds a d -> C projection.
         input_norm: LayerNorm on the LLM hidden states before the module (not in the paper).
+        rotary: RoPE on the module's queries/keys at the tokens' original positions (not in the paper; see
+            :class:`~lightning_lvp.decision.DecisionModule`).
         keys: which text tokens are keys/values: "prompt" (text before the first answer token;
             at inference that is all text) or "all_text" (also the answer during training).
         score: inference ranking: "log_odds" = gamma_keep - gamma_drop (what the Gumbel decision
@@ -45,6 +47,7 @@ class LVPruning(PruningMethod):
         ffn_mult: int = 2,
         dim: int | None = None,
         input_norm: bool = False,
+        rotary: bool = False,
         keys: Literal["prompt", "all_text"] = "prompt",
         score: Literal["log_odds", "keep_logit"] = "log_odds",
     ):
@@ -62,7 +65,9 @@ class LVPruning(PruningMethod):
         for name, value in (("num_blocks", num_blocks), ("num_heads", num_heads), ("ffn_mult", ffn_mult)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-        self.arch = dict(num_blocks=num_blocks, num_heads=num_heads, ffn_mult=ffn_mult, dim=dim, input_norm=input_norm)
+        self.arch = dict(
+            num_blocks=num_blocks, num_heads=num_heads, ffn_mult=ffn_mult, dim=dim, input_norm=input_norm, rotary=rotary
+        )
         self.keys = keys
         self.score = score
         self.decision = nn.ModuleList()
@@ -85,7 +90,9 @@ class LVPruning(PruningMethod):
             raise RuntimeError("LVPruning.bind(dims) must be called before use (PrunedLlava does it)")
         qi, qvalid = pack_index(state.alive_vision)  # (B, Nv)
         ki, kvalid = pack_index(self._key_mask(state))  # (B, Nt)
-        gamma = self.decision[ctx.stage](gather_rows(state.hidden, qi), gather_rows(state.hidden, ki), kvalid)
+        module = self.decision[ctx.stage]
+        pos = state.position_ids
+        gamma = module(gather_rows(state.hidden, qi), gather_rows(state.hidden, ki), kvalid, gather_rows(pos, qi), gather_rows(pos, ki))
         gamma = gamma * qvalid[..., None]
         full = gamma.new_zeros(*state.valid.shape, 2)  # gamma's dtype (autocast may differ from hidden)
         return full.scatter(1, qi[..., None].expand(-1, -1, 2), gamma)  # qi is a permutation slice: no clashes

@@ -42,7 +42,12 @@ except ImportError:  # documented interface stand-in
 
 from lightning_lvp.data.collate import LlavaCollator
 from lightning_lvp.data.conversation import VICUNA_V1, RenderedConversation, render_conversation, tokenize_conversation
-from lightning_lvp.data.llava_dataset import expand_to_square, num_image_tokens
+from lightning_lvp.data.llava_dataset import (
+    expand_to_square,
+    num_image_tokens,
+    processor_input_side,
+    resize_then_pad,
+)
 from lightning_lvp.evaluate import model_inputs
 from lightning_lvp.generation import DecodedStopStrings
 from lightning_lvp.schedules import paper_schedule, parse_schedule
@@ -64,9 +69,16 @@ def manifest():
 
 
 def _pixels(processor, image) -> torch.Tensor:
-    background = tuple(int(round(255 * m)) for m in processor.image_processor.image_mean)
-    image = expand_to_square(image.convert("RGB"), background)
-    return processor.image_processor(image, return_tensors="pt")["pixel_values"][0]
+    """LLaVA-1.5's pad-to-square + processor, resizing first (bounded memory for any aspect ratio, #16)."""
+    ip = processor.image_processor
+    background = tuple(int(round(255 * m)) for m in ip.image_mean)
+    side = processor_input_side(ip)
+    image = image.convert("RGB")
+    if side:
+        image = resize_then_pad(image, side, background, int(getattr(ip, "resample", 3)))
+    else:
+        image = expand_to_square(image, background)
+    return ip(image, return_tensors="pt")["pixel_values"][0]
 
 
 def encode_sample(processor, prompt: str, image, continuation: str | None = None) -> dict[str, Any]:

@@ -332,13 +332,9 @@ def write_results(
 def compare_settings(args: argparse.Namespace) -> dict[str, Any]:
     """What the rows are measured with: model, pruners (sha256 of their files), data config (sha256),
     batch size, batch limit, FLOPs samples and every row-defining option."""
-    from lightning_lvp.io import file_fingerprint, model_fingerprint, pruners_fingerprint
+    from lightning_lvp.io import file_fingerprint, model_fingerprint, pruner_source_fingerprint
 
-    pruners = Path(args.pruners)
-    if pruners.is_dir():
-        pruner_hash = pruners_fingerprint(pruners)
-    else:
-        pruner_hash = file_fingerprint(pruners) if pruners.is_file() else f"spec:{args.pruners}"
+    pruner_hash = pruner_source_fingerprint(args.pruners)
     options = {k: v for k, v in vars(args).items() if k not in ("model", "pruners", "out", "overwrite", "num_workers")}
     return {
         "model": str(args.model),

@@ -106,6 +106,23 @@ def model_fingerprint(model_path: str | Path, full_hash_below: int = 1 << 30) ->
     return ("sha256:" if full else "sizes+mtimes:") + digest.hexdigest()
 
 
+def pruner_source_fingerprint(source: str | Path) -> str:
+    """Fingerprint of whatever ``--pruners`` names: a pruner folder (:func:`pruners_fingerprint`), a checkpoint
+    file (sha256), another folder such as a DeepSpeed checkpoint (its files' names, sizes and mtimes: the
+    shards are gigabytes), or a training-free peer spec (the spec itself)."""
+    path = Path(source)
+    if path.is_dir() and (path / META).exists():
+        return pruners_fingerprint(path)
+    if path.is_file():
+        return file_fingerprint(path)
+    if path.is_dir():
+        digest = hashlib.sha256()
+        for p in sorted(q for q in path.rglob("*") if q.is_file()):
+            digest.update(f"{p.relative_to(path)}:{p.stat().st_size}:{p.stat().st_mtime_ns}".encode())
+        return "sizes+mtimes:" + digest.hexdigest()
+    return f"spec:{source}"
+
+
 def pruners_fingerprint(folder: str | Path) -> str:
     """sha256 over the pruner files of ``folder`` (what sweep/compare record their rows were measured with)."""
     digest = hashlib.sha256()

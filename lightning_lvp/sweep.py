@@ -179,15 +179,10 @@ def measurement_settings(config: str, pruners: str, model_path: str, **numbers: 
     and sha256 of their files, see :func:`pruners_fingerprint`), the model (path and fingerprint) and the
     numbers that change what is measured (batch size, batch limit, ...). Two folders' rows mix only when
     these are equal."""
-    from lightning_lvp.io import file_fingerprint, model_fingerprint, pruners_fingerprint
+    from lightning_lvp.io import file_fingerprint, model_fingerprint, pruner_source_fingerprint
 
     pruner_path = Path(pruners)
-    if pruner_path.is_dir():
-        pruner_hash = pruners_fingerprint(pruner_path)
-    elif pruner_path.is_file():
-        pruner_hash = file_fingerprint(pruner_path)
-    else:
-        pruner_hash = f"spec:{pruners}"  # a training-free peer named by its spec
+    pruner_hash = pruner_source_fingerprint(pruners)
     return {
         "config": str(Path(config).resolve()),
         "config_sha256": file_fingerprint(Path(config)),

@@ -15,7 +15,8 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from cli_fixtures import small_data_args, tiny_model_folder
+import yaml
+from cli_fixtures import tiny_model_folder
 
 from lightning_lvp.checkpoint import (
     AtomicCheckpointIO,
@@ -50,22 +51,20 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 def run_args(model_dir: Path, root: Path, cache: Path, steps: int = 10, extra: list[str] = ()) -> list[str]:
-    """A 10-step run over an 8-image (16-question, 4-batch) epoch: crosses two epoch ends; validation
-    (which draws Gumbel noise) and last.ckpt every 3 steps."""
-    return [
-        "fit",
-        "-c",
-        str(REPO / "experiments" / "demo.yaml"),
-        f"--model.init_args.model_path={model_dir}",
-        f"--trainer.max_steps={steps}",
-        "--trainer.val_check_interval=3",
-        "--trainer.limit_val_batches=1",
-        f"--trainer.default_root_dir={root}",
-        f"--trainer.logger.init_args.save_dir={root / 'runs'}",
-        *small_data_args(cache),
-        "--data.init_args.digits.train_images=8",
-        *extra,
-    ]
+    """``fit -c <root>/run.yaml``: experiments/demo.yaml shrunk IN THE FILE (the command line carries no
+    model or data value, as `fit -c CONFIG --ckpt_path CKPT` of issue #16, which LightningCLI then failed to
+    re-parse). 10 steps over an 8-image (16-question, 4-batch) epoch cross two epoch ends; validation (which
+    draws Gumbel noise) and last.ckpt every 3 steps."""
+    cfg = yaml.safe_load((REPO / "experiments" / "demo.yaml").read_text())
+    cfg["trainer"].update(max_steps=steps, val_check_interval=3, limit_val_batches=1, default_root_dir=str(root))
+    cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(root / "runs")
+    cfg["model"]["init_args"]["model_path"] = str(model_dir)
+    data = cfg["data"]["init_args"]
+    data.update(cache_dir=str(cache), batch_size=4, val_batch_size=8, num_workers=0)
+    data["digits"].update(train_images=8, val_images=8)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "run.yaml").write_text(yaml.safe_dump(cfg))
+    return ["fit", "-c", str(root / "run.yaml"), *extra]
 
 
 def final_state(cli) -> tuple[dict, dict, list[float]]:

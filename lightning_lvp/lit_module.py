@@ -18,6 +18,7 @@ from lightning_lvp.evaluate import model_inputs, per_sample_exact_match, stage_n
 from lightning_lvp.io import method_spec
 from lightning_lvp.methods.base import PruningMethod
 from lightning_lvp.model import PrunedLlava
+from lightning_lvp.teacher import answer_attention, distillation_loss
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -48,6 +49,13 @@ class LVPModule(L.LightningModule):
         ratio_beta: Huber transition point.
         tau: Gumbel-Softmax temperature (at the start if tau_final is set).
         tau_final: temperature reached at the end of training (linear schedule); None = constant tau.
+        ratio_anneal: fraction of the training steps over which the ratio loss's targets go linearly from 1.0
+            (keep everything) to ``method.train_ratios`` (0 = the targets from the first step, as the paper).
+            The causal loss then ranks the tokens while few are dropped (docs/RESULTS.md).
+        lambda_distill: weight of the OPT-IN attention-distillation term (lightning_lvp/teacher.py; not in the
+            paper, 0 = the paper's objective): KL from the unpruned base's answer attention over the vision
+            tokens to the modules' keep scores, every stage.
+        distill_temperature: sharpening of that teacher distribution (< 1 = sharper).
         optimizer: optimizer over the trainable parameters only (class_path/init_args; lr etc. in config).
         warmup_ratio: fraction of the training steps with linear LR warm-up (paper: 0.03).
         lr_schedule: "cosine" (paper) or "constant" after warm-up.
@@ -72,6 +80,9 @@ class LVPModule(L.LightningModule):
         ratio_beta: float = 0.5,
         tau: float = 1.0,
         tau_final: float | None = None,
+        ratio_anneal: float = 0.0,
+        lambda_distill: float = 0.0,
+        distill_temperature: float = 0.1,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         warmup_ratio: float = 0.03,
         lr_schedule: Literal["cosine", "constant"] = "cosine",
@@ -127,13 +138,15 @@ class LVPModule(L.LightningModule):
             raise ValueError(f"model.method {type(method).__name__} is training-free: use `sweep`, not `fit`")
         if hp.curriculum and not hp.train_base:
             raise ValueError("model.curriculum is for training a base from scratch (model.train_base: true)")
-        for name in ("lambda_causal", "lambda_ratio"):
+        for name in ("lambda_causal", "lambda_ratio", "lambda_distill"):
             if getattr(hp, name) < 0:
                 raise ValueError(f"model.{name} must be >= 0, got {getattr(hp, name)}")
         if hp.tau <= 0 or (hp.tau_final is not None and hp.tau_final <= 0):
             raise ValueError(f"model.tau and model.tau_final must be > 0, got {hp.tau}, {hp.tau_final}")
         if not 0.0 <= hp.warmup_ratio < 1.0:
             raise ValueError(f"model.warmup_ratio must be in [0, 1), got {hp.warmup_ratio}")
+        if not 0.0 <= hp.ratio_anneal <= 1.0:
+            raise ValueError(f"model.ratio_anneal must be in [0, 1], got {hp.ratio_anneal}")
         if hp.ratio_loss not in ("mse", "huber"):
             raise ValueError(f"model.ratio_loss must be 'mse' or 'huber', got {hp.ratio_loss!r}")
 
@@ -165,18 +178,35 @@ class LVPModule(L.LightningModule):
         frac = min(1.0, self.global_step / total)
         return hp.tau + (hp.tau_final - hp.tau) * frac
 
+    def current_ratio_targets(self) -> list[float]:
+        """Targets of L_ratio now: ``train_ratios``, or on the way there from 1.0 during ``ratio_anneal``."""
+        hp, final = self.hparams, list(self.method.train_ratios)
+        if hp.ratio_anneal <= 0 or self._trainer is None:
+            return final
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        frac = min(1.0, self.global_step / max(1.0, hp.ratio_anneal * total))
+        return [1.0 + (r - 1.0) * frac for r in final]
+
     def _losses(self, batch: dict[str, Any], stage: str) -> dict[str, torch.Tensor]:
         hp = self.hparams
         inputs = model_inputs(batch)
         if stage == "train" and self.curriculum is not None:
             inputs["attention_mask"], inputs["position_ids"] = self.curriculum.apply(batch)
-        out = self.model.forward_train(**inputs, labels=batch["labels"], tau=self.current_tau())
+        distill = hp.lambda_distill > 0 and self.method is not None
+        out = self.model.forward_train(**inputs, labels=batch["labels"], tau=self.current_tau(), return_scores=distill)
         result = {"loss_causal": out.loss_causal}
         loss = hp.lambda_causal * out.loss_causal
         if self.method is not None:
-            targets = torch.tensor(self.method.train_ratios, device=out.kept.device)
+            targets = torch.tensor(self.current_ratio_targets(), device=out.kept.device)
             result["loss_ratio"] = ratio_loss(out.kept, targets, hp.ratio_loss, hp.ratio_beta)
             loss = loss + hp.lambda_ratio * result["loss_ratio"]
+            if distill:
+                teacher = answer_attention(
+                    self.model, **model_inputs(batch), labels=batch["labels"], temperature=hp.distill_temperature
+                )
+                vision = batch["vision_mask"].bool() & inputs["attention_mask"].bool()
+                result["loss_distill"] = distillation_loss(out.scores, teacher, vision)
+                loss = loss + hp.lambda_distill * result["loss_distill"]
             for name, kept in zip(self.stage_names, out.kept.mean(0)):
                 result[f"kept_ratio/{name}"] = kept.detach()
         correct = per_sample_exact_match(out.logits, out.targets, out.sample_index, batch["input_ids"].shape[0])

@@ -37,6 +37,8 @@ class TrainOutput:
         sample_index: (N,) batch row of each.
         kept: (B, S) kept fraction of the vision tokens after each module (cumulative, eq. 10).
         decisions: S tensors (B, T), the cumulative hard decisions (1 = keep) at vision positions.
+        scores: S tensors (B, T), the method's keep scores (inference ranking) per stage, only with
+            ``return_scores`` (the opt-in attention-distillation term reads them).
     """
 
     loss_causal: torch.Tensor | None
@@ -45,6 +47,7 @@ class TrainOutput:
     sample_index: torch.Tensor
     kept: torch.Tensor
     decisions: list[torch.Tensor]
+    scores: list[torch.Tensor] = field(default_factory=list)
 
 
 @dataclass
@@ -213,6 +216,7 @@ class PrunedLlava(nn.Module):
         tau: float = 1.0,
         decisions: Sequence[torch.Tensor] | None = None,
         position_ids: torch.Tensor | None = None,
+        return_scores: bool = False,
     ) -> TrainOutput:
         """Masked forward of METHOD §3: no token is removed, decisions mask attention (eqs. 7-10).
 
@@ -224,8 +228,10 @@ class PrunedLlava(nn.Module):
             decisions: optional fixed decisions per stage, (B, T) in input coordinates (1 = keep);
                 replaces the Gumbel samples (used to compare with the inference path).
             position_ids: optional original positions (see :meth:`initial_state`).
+            return_scores: also return the method's keep scores per stage (``TrainOutput.scores``).
         """
         state, vision_hidden = self.initial_state(input_ids, pixel_values, attention_mask, prompt_mask, position_ids)
+        scores = []
         hidden = state.hidden
         mask = causal_mask(state.valid, hidden.shape[1])
         pos_emb = adapter.rotary(self.llava, hidden, state.position_ids)
@@ -242,7 +248,10 @@ class PrunedLlava(nn.Module):
                 d = decisions[s].to(hidden.dtype) * vision_f
             else:
                 layer = i if i >= 0 else None
-                d = self.method.decide(state, StageContext(s, layer, vision_hidden), tau).to(hidden.dtype)
+                ctx = StageContext(s, layer, vision_hidden)
+                d = self.method.decide(state, ctx, tau).to(hidden.dtype)
+                if return_scores:
+                    scores.append(self.method.scores(state, ctx))
             cumulative = d if cumulative is None else d * cumulative  # eq. 10: dropped stays dropped
             keep = torch.where(state.vision, cumulative, torch.ones_like(cumulative))  # eq. 7 columns
             kept.append(cumulative.sum(1) / state.n_vision.clamp(min=1))
@@ -252,10 +261,10 @@ class PrunedLlava(nn.Module):
         kept_t = torch.stack(kept, 1) if kept else hidden.new_zeros(b, 0)
         if labels is None:
             empty = hidden.new_zeros(0, self.dims.vocab_size)
-            return TrainOutput(None, empty, labels, labels, kept_t, all_decisions)
+            return TrainOutput(None, empty, labels, labels, kept_t, all_decisions, scores)
         logits, targets, rows = self.label_logits(hidden, state, labels)
         loss = F.cross_entropy(logits.float(), targets) if targets.numel() else logits.sum() * 0.0
-        return TrainOutput(loss, logits, targets, rows, kept_t, all_decisions)
+        return TrainOutput(loss, logits, targets, rows, kept_t, all_decisions, scores)
 
     # ---------------------------------------------------------------------------- inference path
     def forward_infer(

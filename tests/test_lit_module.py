@@ -37,3 +37,16 @@ def test_current_tau_is_linear_from_tau_to_tau_final():
 def test_current_tau_constant_without_tau_final_or_trainer():
     assert LVPModule.current_tau(_module(0.7, None, 50, 100)) == 0.7
     assert LVPModule.current_tau(_module(1.0, 0.2, 50, 100, with_trainer=False)) == 1.0
+
+
+def test_ratio_targets_anneal_linearly_from_one_then_hold():
+    def module(step, anneal, total=100):
+        trainer = SimpleNamespace(estimated_stepping_batches=total)
+        return SimpleNamespace(hparams=SimpleNamespace(ratio_anneal=anneal), _trainer=trainer, trainer=trainer,
+                               global_step=step, method=SimpleNamespace(train_ratios=[0.5, 0.1]))  # fmt: skip
+
+    assert LVPModule.current_ratio_targets(module(0, 0.5)) == [1.0, 1.0]
+    assert LVPModule.current_ratio_targets(module(25, 0.5)) == pytest.approx([0.75, 0.55])
+    assert LVPModule.current_ratio_targets(module(50, 0.5)) == pytest.approx([0.5, 0.1])
+    assert LVPModule.current_ratio_targets(module(90, 0.5)) == pytest.approx([0.5, 0.1])
+    assert LVPModule.current_ratio_targets(module(0, 0.0)) == [0.5, 0.1]  # the paper: targets from step 0

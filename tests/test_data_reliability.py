@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -58,36 +57,56 @@ def test_resize_then_pad_equals_llava_pad_then_resize_on_photos(clip336):
     assert resize_then_pad(small, 336, background).tobytes() == expand_to_square(small, background).tobytes()
 
 
-def peak_rss_increase_mb(fn) -> float:
-    """Peak resident memory growth (MB) while ``fn`` runs: Linux resets the high-water mark on writing
-    5 to /proc/self/clear_refs. (PIL allocates outside Python, so tracemalloc would not see it.)"""
-    def read(field: str) -> int:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field):
-                return int(line.split()[1]) // 1024
-        raise RuntimeError(field)
+MEASURE = """
+import json, sys, time
+from pathlib import Path
+from transformers import AutoProcessor
+from lightning_lvp.data.llava_dataset import LlavaDataset
 
-    Path("/proc/self/clear_refs").write_text("5")
-    before = read("VmRSS")
-    fn()
-    return read("VmHWM") - before
+folder, pad = Path(sys.argv[1]), sys.argv[2] == "1"
+def read(field):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field):
+            return int(line.split()[1]) / 1024
+processor = AutoProcessor.from_pretrained(folder / "clip")
+entries = [{"id": n, "image": n + ".png", "conversations": [{"from": "human", "value": "<image>\\nQ?"},
+           {"from": "gpt", "value": "7"}]} for n in ("panorama", "tower")]
+ds = LlavaDataset(entries, [str(folder)], processor, pad_to_square=pad)
+out = {}
+for i, name in enumerate(("panorama", "tower")):
+    Path("/proc/self/clear_refs").write_text("5")  # resets the peak (VmHWM) to the current RSS
+    before, start = read("VmRSS"), time.perf_counter()
+    shape = list(ds[i]["pixel_values"].shape)
+    out[name] = (read("VmHWM") - before, time.perf_counter() - start, shape)
+Path("/proc/self/clear_refs").write_text("5")
+before = read("VmRSS")
+from PIL import Image
+Image.new("RGB", (6000, 6000)).load()  # a known allocation: 108 MB
+out["control"] = (read("VmHWM") - before, 0.0, [])
+print(json.dumps(out))
+"""
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc/self/clear_refs")
 @pytest.mark.parametrize("pad_to_square", [True, False])
 def test_extreme_aspect_ratio_images_cost_bounded_memory(clip336, tmp_path, pad_to_square):
+    """Peak resident memory of loading a 20000 x 10 and a 10 x 20000 image, in a fresh process (PIL
+    allocates outside Python, so tracemalloc would not see it; memory freed by earlier tests would hide it)."""
+    import subprocess
+    import sys
+
+    clip336.save_pretrained(tmp_path / "clip")
     Image.new("RGB", (20000, 10), (200, 10, 10)).save(tmp_path / "panorama.png")
     Image.new("RGB", (10, 20000), (10, 200, 10)).save(tmp_path / "tower.png")
-    entries = [entry("pano", "panorama.png"), entry("tower", "tower.png")]
-    ds = LlavaDataset(entries, [str(tmp_path)], clip336, pad_to_square=pad_to_square)
-    # the measurement sees a known allocation: a 6000 x 6000 RGB image is 108 MB
-    assert peak_rss_increase_mb(lambda: Image.new("RGB", (6000, 6000)).load()) > 90
-    for i in range(2):
-        start = time.perf_counter()
-        mb = peak_rss_increase_mb(lambda i=i: ds[i])
-        assert mb < 100, f"{entries[i]['id']}: {mb} MB"  # padding first cost 5.3 GB (issue #16)
-        assert time.perf_counter() - start < 5
-        assert ds[i]["pixel_values"].shape == (3, 336, 336)
+    run = subprocess.run([sys.executable, "-c", MEASURE, str(tmp_path), "1" if pad_to_square else "0"],
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    measured = json.loads(run.stdout.strip().splitlines()[-1])
+    assert measured["control"][0] > 90  # the measurement sees a 108 MB image
+    for name in ("panorama", "tower"):
+        mb, seconds, shape = measured[name]
+        assert mb < 100, f"{name}: {mb:.0f} MB"  # padding first cost 5.3 GB (issue #16)
+        assert seconds < 5 and shape == [3, 336, 336]
 
 
 def test_decompression_bomb_is_a_counted_skip_or_a_clear_error(processor, tmp_path):

@@ -169,6 +169,8 @@ def run_sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
         rows.append(res)
         write_results(out, settings, rows)  # after every schedule: an interruption loses at most one
         _add_points(writer, rows, len(rows) - 1)
+        if writer is not None:
+            writer.flush()  # TensorBoard shows what results.json holds, row by row
     if writer is not None:
         writer.close()
     return rows

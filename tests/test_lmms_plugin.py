@@ -103,10 +103,12 @@ def test_until_stops_decoding_and_cuts(setup):
     _, _, model, images, processor = setup
     batch = plugin.collate([encode_sample(processor, q, im) for q, im in zip(QUESTIONS, images)])
     stops = DecodedStopStrings(processor.tokenizer, [stop], batch["input_ids"].shape[1])
-    opts = dict(ratios=plugin.ratios, max_new_tokens=6)
-    unstopped = model.generate(**model_inputs(batch), **opts)
-    stopped = model.generate(**model_inputs(batch), **opts, stopping_criteria=StoppingCriteriaList([stops]))
-    assert stopped.shape[1] < unstopped.shape[1]  # decoding ended early (every row reached the stop word)
+    new = model.generate(**model_inputs(batch), ratios=plugin.ratios, max_new_tokens=6)
+    flags = stops(torch.cat([batch["input_ids"], new], 1), None)  # only the continuation is searched
+    texts = processor.tokenizer.batch_decode(new, skip_special_tokens=True)
+    assert flags.tolist() == [stop in t for t in texts] and bool(flags[0])
+    assert not stops(batch["input_ids"], None).any()
+    assert StoppingCriteriaList([stops])(torch.cat([batch["input_ids"], new], 1), None).tolist() == flags.tolist()
 
 
 def test_generation_options_mapping():

@@ -33,13 +33,25 @@ def main() -> None:
     entries = []
     for i in range(args.n):
         Image.fromarray(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)).save(tmp / f"{i}.jpg", quality=90)
-        entries.append({"id": str(i), "image": f"{i}.jpg", "conversations": [
-            {"from": "human", "value": "<image>\nWhat is in the image? Answer briefly."},
-            {"from": "gpt", "value": "a photo of a digit"}]})
+        entries.append(
+            {
+                "id": str(i),
+                "image": f"{i}.jpg",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nWhat is in the image? Answer briefly."},
+                    {"from": "gpt", "value": "a photo of a digit"},
+                ],
+            }
+        )
     (tmp / "data.json").write_text(json.dumps(entries))
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=build_tiny_tokenizer(), patch_size=14,
-                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=build_tiny_tokenizer(),
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
     ds = LlavaDataset(entries, [str(tmp)], processor)
     collate = LlavaCollator(processor.tokenizer.pad_token_id)
     for workers in (0, 2):
@@ -49,8 +61,10 @@ def main() -> None:
         for b in loader:
             n += b["input_ids"].shape[0]
         dt = time.perf_counter() - t0
-        print(f"num_workers={workers}: {n} samples in {dt:.1f} s = {n / dt:.1f} samples/s "
-              f"(tokens per sample {b['input_ids'].shape[1]}, pixel_values {tuple(b['pixel_values'].shape[1:])})")
+        print(
+            f"num_workers={workers}: {n} samples in {dt:.1f} s = {n / dt:.1f} samples/s "
+            f"(tokens per sample {b['input_ids'].shape[1]}, pixel_values {tuple(b['pixel_values'].shape[1:])})"
+        )
 
 
 if __name__ == "__main__":

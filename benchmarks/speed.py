@@ -149,8 +149,10 @@ def hf_generate_fn(llava, batch, new_tokens: int):
 
     def run():
         return llava.generate(
-            input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
-            attention_mask=batch["attention_mask"], generation_config=cfg,
+            input_ids=batch["input_ids"],
+            pixel_values=batch["pixel_values"],
+            attention_mask=batch["attention_mask"],
+            generation_config=cfg,
         )
 
     return run
@@ -174,12 +176,20 @@ def hf_comparison(config, llava, base, pruned, batch_sizes, new_tokens: int, rep
         same = torch.equal(hf_new, fns["ours_unpruned"]())
         times = interleaved_times(fns, repeats)
         hf = med(times["hf_unpruned"])
-        row = {"batch": b, "new_tokens": new_tokens, "same_tokens_unpruned": same,
-               **{f"{k}_s": med(v) for k, v in times.items()}, "runs_s": times}
+        row = {
+            "batch": b,
+            "new_tokens": new_tokens,
+            "same_tokens_unpruned": same,
+            **{f"{k}_s": med(v) for k, v in times.items()},
+            "runs_s": times,
+        }
         row["ours_unpruned_over_hf"] = row["ours_unpruned_s"] / hf
         row["paired_ours_unpruned_over_hf"] = med([o / h for o, h in zip(times["ours_unpruned"], times["hf_unpruned"])])
         row["speedup_rho0.5_vs_hf"] = hf / row["ours_rho0.5_s"]
-        print(f"[hf generate] {json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if k != 'runs_s'})}", flush=True)
+        print(
+            f"[hf generate] {json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if k != 'runs_s'})}",
+            flush=True,
+        )
         rows.append(row)
     return rows
 
@@ -383,7 +393,13 @@ def run(args) -> dict:
     decode = {k: args.new_tokens / (med(gen[args.new_tokens + 1][k]) - med(gen[1][k])) for k in schedules}
     print(f"[decode] {json.dumps({k: round(v, 1) for k, v in decode.items()})} tokens/s", flush=True)
 
-    kv = {k: (kv_bytes(models[k], batch, s), kv_expected(config, adapter.vision_dims(config).tokens_per_image, 30, after, s, 4)) for k, s in schedules.items()}
+    kv = {
+        k: (
+            kv_bytes(models[k], batch, s),
+            kv_expected(config, adapter.vision_dims(config).tokens_per_image, 30, after, s, 4),
+        )
+        for k, s in schedules.items()
+    }
 
     train_batch = bench_batch(config, 30, answer_tokens=10)
     masked, plain = train_step_fns(llava, method, train_batch)
@@ -417,7 +433,9 @@ def run(args) -> dict:
 
 
 def print_hf(rows: list[dict]) -> None:
-    print("\n| batch | new tokens | HF generate() unpruned | ours unpruned | ours / HF (median of paired) | ours rho 0.5 | speed-up vs HF unpruned | same tokens |")
+    print(
+        "\n| batch | new tokens | HF generate() unpruned | ours unpruned | ours / HF (median of paired) | ours rho 0.5 | speed-up vs HF unpruned | same tokens |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for x in rows:
         print(

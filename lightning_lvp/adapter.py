@@ -180,7 +180,7 @@ def image_token_id(model: LlavaForConditionalGeneration) -> int:
     value = getattr(model.config, "image_token_id", None)
     if value is None:
         raise ValueError(
-            f"{_config_file(model)} has no image token id: set \"image_token_id\" (older files: \"image_token_index\") "
+            f'{_config_file(model)} has no image token id: set "image_token_id" (older files: "image_token_index") '
             "to the tokenizer's id of <image> (llava-hf/llava-1.5-7b-hf: 32000)"
         )
     return int(value)
@@ -197,7 +197,7 @@ def pad_token_id(model: LlavaForConditionalGeneration) -> int:
         if value is not None:
             return int(value)
     raise ValueError(
-        f"{_config_file(model)} has no pad token id: set \"pad_token_id\" in its \"text_config\" to the tokenizer's "
+        f'{_config_file(model)} has no pad token id: set "pad_token_id" in its "text_config" to the tokenizer\'s '
         "pad_token_id (llava-hf/llava-1.5-7b-hf: 32001), or pass pad_token_id=... to generate()"
     )
 
@@ -213,7 +213,7 @@ def eos_token_id(model: LlavaForConditionalGeneration) -> int:
         eid = eid[0] if eid else None
     if eid is None:
         raise ValueError(
-            f"{_config_file(model)} has no end-of-sequence id: set \"eos_token_id\" in its \"text_config\" to the "
+            f'{_config_file(model)} has no end-of-sequence id: set "eos_token_id" in its "text_config" to the '
             "tokenizer's eos_token_id (llava-hf/llava-1.5-7b-hf: 2), or pass eos_token_id=-1 to generate() to never stop"
         )
     return int(eid)
@@ -258,6 +258,7 @@ def image_features(model: LlavaForConditionalGeneration, pixel_values: torch.Ten
     hook = None
     if selected >= 1:  # transformers 5.24 keeps only the selected hidden state: catch the layer's input
         layer = _vision_layers(model)[selected - 1]
+
         def catch(_module, args):  # returns None: the layer's input is not changed
             captured["input"] = args[0]
 

@@ -97,7 +97,9 @@ class CheckpointReadError(ValueError):
     """A checkpoint file cannot be read: truncated, not a checkpoint, or of another program."""
 
 
-def load_checkpoint_file(path: str | os.PathLike, weights_only: bool = False, map_location: Any = "cpu") -> dict[str, Any]:
+def load_checkpoint_file(
+    path: str | os.PathLike, weights_only: bool = False, map_location: Any = "cpu"
+) -> dict[str, Any]:
     """``torch.load`` of a Lightning checkpoint, with errors that name the file.
 
     Raises:

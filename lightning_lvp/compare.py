@@ -259,7 +259,9 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     """The comparison as a Markdown table (accuracy in %, TFLOPs per sample, kept vision tokens; on data with
     relevant patches also the relevant-patch recall and the kept-set overlap after each row's last stage)."""
     relevance = bool(relevance_columns(rows))
-    head = "| method | schedule | accuracy | n | TFLOPs | FLOPs vs base | kept vision (final) | kept vision (layer mean) |"
+    head = (
+        "| method | schedule | accuracy | n | TFLOPs | FLOPs vs base | kept vision (final) | kept vision (layer mean) |"
+    )
     head += " relevant kept (final) | kept overlap (final) |" if relevance else ""
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for r in rows:
@@ -276,7 +278,13 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 PEER_MARKERS = {"visionzip": ("P", "C5"), "divprune": ("v", "C6"), "dart": ("<", "C7"), "pdrop": (">", "C8")}
-BASELINE_MARKERS = {"base": ("*", "k"), "cls_knee": ("s", "C1"), "fastv": ("^", "C2"), "random": ("x", "C3"), "uniform": ("D", "C4")}
+BASELINE_MARKERS = {
+    "base": ("*", "k"),
+    "cls_knee": ("s", "C1"),
+    "fastv": ("^", "C2"),
+    "random": ("x", "C3"),
+    "uniform": ("D", "C4"),
+}
 
 
 def plot_accuracy_vs_tflops(rows: Sequence[dict[str, Any]], path: Path) -> None:
@@ -287,7 +295,11 @@ def plot_accuracy_vs_tflops(rows: Sequence[dict[str, Any]], path: Path) -> None:
         line_label="LVPruning",
         markers={
             **BASELINE_MARKERS,
-            **{r["name"]: PEER_MARKERS[r["name"].split("_")[0]] for r in rows if r["name"].split("_")[0] in PEER_MARKERS},
+            **{
+                r["name"]: PEER_MARKERS[r["name"].split("_")[0]]
+                for r in rows
+                if r["name"].split("_")[0] in PEER_MARKERS
+            },
         },
         title="accuracy vs compute",
         size=(6.4, 4.4),
@@ -321,7 +333,9 @@ def write_results(
         writer.writerow(COLUMNS + tuple(relevance))
         for r in rows:
             metrics = relevance_metrics(r)
-            writer.writerow([_cell(r[c]) for c in COLUMNS] + [_cell(metrics[c]) if c in metrics else "" for c in relevance])
+            writer.writerow(
+                [_cell(r[c]) for c in COLUMNS] + [_cell(metrics[c]) if c in metrics else "" for c in relevance]
+            )
     command = meta.get("command", "")
     atomic_write_text(paths[2], f"{markdown_table(rows)}\n\nCommand: `{command}`\n\n{meta.get('notes', '')}\n")
     plot_accuracy_vs_tflops(rows, paths[3])

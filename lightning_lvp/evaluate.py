@@ -42,7 +42,9 @@ def per_sample_exact_match(
     return (n_wrong == 0) & (n_labels > 0)
 
 
-def patch_relevance(relevant_mask: torch.Tensor, vision_mask: torch.Tensor, n_patches: int | None = None) -> torch.Tensor:
+def patch_relevance(
+    relevant_mask: torch.Tensor, vision_mask: torch.Tensor, n_patches: int | None = None
+) -> torch.Tensor:
     """The relevant patches of each sample in patch coordinates (the i-th image token is patch i).
 
     Args:

@@ -476,7 +476,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-c", "--config", help="experiments YAML (model_path / model_config, method, sweep_schedules)")
     p.add_argument("--model-config", help="LLaVA config: hub id, config.json or model folder (overrides the YAML)")
-    p.add_argument("--schedules", nargs="+", help="schedules such as 0.5,0.3,0.1 or paper:0.5 (override; ';' or spaces between several)")
+    p.add_argument(
+        "--schedules",
+        nargs="+",
+        help="schedules such as 0.5,0.3,0.1 or paper:0.5 (override; ';' or spaces between several)",
+    )
     p.add_argument("--text-tokens", type=int, default=30, help="text tokens beside the image (paper: 30)")
     p.add_argument("--convention", choices=PRUNER_CONVENTIONS, default="alive", help="pruner FLOPs convention")
     p.add_argument("--lm-head", choices=LM_HEAD_MODES, default="last", help="positions the LM head is counted on")

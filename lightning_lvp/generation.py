@@ -66,9 +66,14 @@ def check_generation_options(generation_config: GenerationConfig | None, kwargs:
         kwargs: the keyword arguments given to ``generate``.
     """
     for name, why in _UNSUPPORTED.items():
-        for where, value in (("argument", kwargs.get(name)), ("generation_config", getattr(generation_config, name, None))):
+        for where, value in (
+            ("argument", kwargs.get(name)),
+            ("generation_config", getattr(generation_config, name, None)),
+        ):
             if value is not None and value != _DEFAULTS_OK.get(name, None):
-                raise UnsupportedGenerationOption(f"generate({name}=...) ({where}) is not supported on the pruned model: {why}")
+                raise UnsupportedGenerationOption(
+                    f"generate({name}=...) ({where}) is not supported on the pruned model: {why}"
+                )
 
 
 class PrunedCache(DynamicCache):
@@ -171,7 +176,9 @@ class PrunedForGeneration(LlavaPreTrainedModel, GenerationMixin):
             kwargs["prompt_mask"] = valid & (ids != adapter.image_token_id(self.pruned.llava))
         return super().generate(inputs, generation_config, **kwargs)
 
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length):
+    def _prepare_cache_for_generation(
+        self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
+    ):
         """A :class:`PrunedCache` instead of transformers' default ``DynamicCache``."""
         given = model_kwargs.get("cache")
         if given is not None and not isinstance(given, PrunedCache):

@@ -173,7 +173,9 @@ def load_pruners(folder: str | Path, dims: TextDims, device: str | torch.device 
     try:
         weights = load((folder / WEIGHTS).read_bytes())
     except Exception as e:  # safetensors: SafetensorError on a truncated or foreign file
-        raise ValueError(f"{folder / WEIGHTS} is truncated or not a safetensors file ({type(e).__name__}: {e})") from None
+        raise ValueError(
+            f"{folder / WEIGHTS} is truncated or not a safetensors file ({type(e).__name__}: {e})"
+        ) from None
     try:
         method.load_state_dict(weights)
     except RuntimeError as e:

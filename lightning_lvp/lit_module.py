@@ -219,7 +219,9 @@ class LVPModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         res = self._losses(batch, "train")
-        self.last_step_values = {k: float(v.detach()) for k, v in res.items()}  # this rank's values, before the all-reduce
+        self.last_step_values = {
+            k: float(v.detach()) for k, v in res.items()
+        }  # this rank's values, before the all-reduce
         bs = batch["input_ids"].shape[0]
         for k, v in res.items():
             show = k in ("loss", "loss_ratio") or k.startswith("kept_ratio") or k == "curriculum_n"

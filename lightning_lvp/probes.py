@@ -68,7 +68,9 @@ class Tokens:
 
 
 @torch.no_grad()
-def hidden_at_depths(model: PrunedLlava, batch: dict[str, Any], depths: Sequence[int]) -> tuple[SeqState, dict[int, torch.Tensor]]:
+def hidden_at_depths(
+    model: PrunedLlava, batch: dict[str, Any], depths: Sequence[int]
+) -> tuple[SeqState, dict[int, torch.Tensor]]:
     """Runs the frozen base (unpruned) and keeps the hidden states at each requested depth.
 
     Args:
@@ -81,7 +83,9 @@ def hidden_at_depths(model: PrunedLlava, batch: dict[str, Any], depths: Sequence
     """
     num_layers = model.dims.num_layers
     if any(not 0 <= d < num_layers for d in depths):
-        raise ValueError(f"probe depths must be in [0, {num_layers}) for an LLM with {num_layers} layers, got {list(depths)}")
+        raise ValueError(
+            f"probe depths must be in [0, {num_layers}) for an LLM with {num_layers} layers, got {list(depths)}"
+        )
     device = next(model.parameters()).device
     inputs = model_inputs(batch, device)
     state, _ = model.initial_state(**inputs)
@@ -103,7 +107,9 @@ def pack_tokens(state: SeqState, hidden: torch.Tensor, relevant_mask: torch.Tens
     rel = torch.zeros_like(qv) if relevant_mask is None else gather_rows(relevant_mask.to(qv.device).bool(), qi) & qv
     patch = torch.where(qv, gather_rows(state.patch_index, qi), -1)
     pos = state.position_ids
-    return Tokens(gather_rows(hidden, qi), qv, gather_rows(hidden, ki), kv, rel, patch, gather_rows(pos, qi), gather_rows(pos, ki))
+    return Tokens(
+        gather_rows(hidden, qi), qv, gather_rows(hidden, ki), kv, rel, patch, gather_rows(pos, qi), gather_rows(pos, ki)
+    )
 
 
 def batches(loader: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -271,7 +277,10 @@ class RelevanceProbeArgs:
 
 
 def relevance_probe(
-    model: PrunedLlava, train_loader: Iterable[dict[str, Any]], val_loader: Iterable[dict[str, Any]], args: RelevanceProbeArgs
+    model: PrunedLlava,
+    train_loader: Iterable[dict[str, Any]],
+    val_loader: Iterable[dict[str, Any]],
+    args: RelevanceProbeArgs,
 ) -> dict[str, Any]:
     """Trains a DecisionModule on the direct relevance label at ``args.depth`` and scores it on ``val_loader``.
 
@@ -456,10 +465,15 @@ def default_k(method, n_vision: int) -> int:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="experiments YAML: its model_path, data section (and method)")
+    p.add_argument(
+        "-c", "--config", default=DEFAULT_CONFIG, help="experiments YAML: its model_path, data section (and method)"
+    )
     p.add_argument("--model_path", default=None, help="base model folder (default: the config's model.model_path)")
     p.add_argument(
-        "--data_set", action="append", default=[], metavar="KEY=VALUE",
+        "--data_set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a data init arg, value read as YAML (repeatable), e.g. digits.question_types=[cell,row_count]",
     )
     p.add_argument("--batch_size", type=int, default=32, help="batch size of the training and validation batches")
@@ -473,8 +487,13 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="probe", required=True)
     rel = sub.add_parser("relevance", help="DecisionModule trained on the direct relevant-patch label: top-k recall")
     _common(rel)
-    rel.add_argument("--after_layer", type=int, nargs="+", default=None,
-                     help="pruning point(s): 0 = LLM input, l = after LLM layer l (default: the method's first)")
+    rel.add_argument(
+        "--after_layer",
+        type=int,
+        nargs="+",
+        default=None,
+        help="pruning point(s): 0 = LLM input, l = after LLM layer l (default: the method's first)",
+    )
     rel.add_argument("--k", type=int, default=None, help="top-k of the recall (default: the method's last-stage count)")
     rel.add_argument("--steps", type=int, default=300, help="optimizer steps")
     rel.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
@@ -482,19 +501,34 @@ def _parser() -> argparse.ArgumentParser:
     rel.add_argument("--pos_weight", type=float, default=1.0, help="BCE weight of the relevant class")
     rel.add_argument("--dim", type=int, default=None, help="module width (default: the method's, else the LLM width)")
     rel.add_argument("--num_heads", type=int, default=None, help="heads per block (default: the method's, else 4)")
-    rel.add_argument("--num_blocks", type=int, default=None, help="cross-attention blocks (default: the method's, else 2)")
+    rel.add_argument(
+        "--num_blocks", type=int, default=None, help="cross-attention blocks (default: the method's, else 2)"
+    )
     rel.add_argument("--ffn_mult", type=int, default=None, help="FFN expansion (default: the method's, else 2)")
-    rel.add_argument("--input_norm", action=argparse.BooleanOptionalAction, default=None,
-                     help="LayerNorm on the LLM hidden states before the module (default: the method's, else off)")
-    rel.add_argument("--rotary", action=argparse.BooleanOptionalAction, default=None,
-                     help="RoPE at the original positions in the module's attention (default: the method's, else off)")
+    rel.add_argument(
+        "--input_norm",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="LayerNorm on the LLM hidden states before the module (default: the method's, else off)",
+    )
+    rel.add_argument(
+        "--rotary",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="RoPE at the original positions in the module's attention (default: the method's, else off)",
+    )
     rel.add_argument("--eval_batches", type=int, default=4, help="validation batches scored")
     rel.add_argument("--eval_every", type=int, default=0, help="also score every N steps (0: only at the end)")
-    rel.add_argument("--oracle_position", action="store_true",
-                     help="add a fixed random code per patch index to the module's vision input (tests the module)")
+    rel.add_argument(
+        "--oracle_position",
+        action="store_true",
+        help="add a fixed random code per patch index to the module's vision input (tests the module)",
+    )
     pos = sub.add_parser("position", help="linear classifier of the patch index from vision hidden states")
     _common(pos)
-    pos.add_argument("--layers", type=int, nargs="+", default=[0, 1], help="depths: 0 = LLM input, l = after LLM layer l")
+    pos.add_argument(
+        "--layers", type=int, nargs="+", default=[0, 1], help="depths: 0 = LLM input, l = after LLM layer l"
+    )
     pos.add_argument("--train_batches", type=int, default=6, help="training batches of features")
     pos.add_argument("--val_batches", type=int, default=2, help="held-out (validation split) batches")
     pos.add_argument("--steps", type=int, default=300, help="full-batch Adam steps")
@@ -536,8 +570,10 @@ def relevance_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
 def format_relevance(rows: Sequence[dict[str, Any]]) -> str:
     """Table of the relevance probe rows."""
     lines = ["Relevance probe (DecisionModule, direct BCE label, held-out validation questions):"]
-    lines.append(f"{'point':<14} {'k':>3} {'recall@k':>9} {'all in top-k':>13} {'chance':>7} {'loss first':>11} "
-                 f"{'loss last':>10} {'steps':>6} {'n':>5}")
+    lines.append(
+        f"{'point':<14} {'k':>3} {'recall@k':>9} {'all in top-k':>13} {'chance':>7} {'loss first':>11} "
+        f"{'loss last':>10} {'steps':>6} {'n':>5}"
+    )
     for r in rows:
         lines.append(
             f"{r['where']:<14} {r['k']:>3} {r['recall']:>9.3f} {r['all_in_topk']:>13.3f} {r['chance']:>7.3f} "
@@ -570,8 +606,15 @@ def probe_command(argv: list[str]) -> int:
     else:
         model, dm, _ = load_setup(args.config, args.model_path, args.data_set, args.batch_size, args.device)
         rows = position_probe(
-            model, dm.train_dataloader(), dm.val_dataloader(), args.layers, args.train_batches, args.val_batches,
-            args.steps, args.lr, args.seed,
+            model,
+            dm.train_dataloader(),
+            dm.val_dataloader(),
+            args.layers,
+            args.train_batches,
+            args.val_batches,
+            args.steps,
+            args.lr,
+            args.seed,
         )
         table = format_position(rows)
     print(table)

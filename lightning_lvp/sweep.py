@@ -141,7 +141,9 @@ def run_sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
     dm = build_datamodule(cfg, model_path, overrides)
     loader = dm.val_dataloader()
     first = next(iter(loader))
-    schedules = build_schedules(parse_range(args.rhos) if args.rhos else [], args.schedule, method.num_stages, args.step, args.min_ratio)
+    schedules = build_schedules(
+        parse_range(args.rhos) if args.rhos else [], args.schedule, method.num_stages, args.step, args.min_ratio
+    )
     settings = measurement_settings(args.config, args.pruners, model_path, batch_size=args.batch_size,
                                     max_batches=args.max_batches)  # fmt: skip
     out = Path(args.out)
@@ -245,17 +247,26 @@ def _tensorboard(out: Path, rows: list[dict[str, Any]]):
 def sweep_command(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m lightning_lvp sweep", description=__doc__.split("\n\n")[0])
     p.add_argument("-c", "--config", required=True, help="experiments YAML (its model_path and data section are used)")
-    p.add_argument("--pruners", required=True, help="exported pruner folder or a training checkpoint (.ckpt / DeepSpeed dir)")
+    p.add_argument(
+        "--pruners", required=True, help="exported pruner folder or a training checkpoint (.ckpt / DeepSpeed dir)"
+    )
     p.add_argument("--rhos", default="0.3:0.8:0.05", help="first-stage ratios: START:STOP:STEP or a comma list")
     p.add_argument("--step", type=float, default=0.2, help="ratio decrease per stage: [rho, rho-step, rho-2*step]")
     p.add_argument("--min_ratio", type=float, default=0.05, help="stage ratios below this are clipped up to it")
-    p.add_argument("--schedule", action="append", default=[], help="schedules in the common syntax: 'a,b,c', 'paper:0.5', ';' between several (repeatable)")
+    p.add_argument(
+        "--schedule",
+        action="append",
+        default=[],
+        help="schedules in the common syntax: 'a,b,c', 'paper:0.5', ';' between several (repeatable)",
+    )
     p.add_argument("--no_base", dest="include_base", action="store_false", help="skip the unpruned model")
     p.add_argument("--model_path", default=None, help="override the config's model.model_path")
     p.add_argument("--max_batches", type=int, default=None, help="validation batches per schedule (default: all)")
     p.add_argument("--batch_size", type=int, default=32, help="validation batch size")
     p.add_argument("--num_workers", type=int, default=0, help="data loader workers")
-    p.add_argument("--out", default="runs/sweep", help="output folder (resumed if it holds results of the same settings)")
+    p.add_argument(
+        "--out", default="runs/sweep", help="output folder (resumed if it holds results of the same settings)"
+    )
     p.add_argument("--overwrite", action="store_true", help="discard results of other settings in --out")
     args = p.parse_args(argv)
     torch.set_grad_enabled(False)
@@ -271,7 +282,11 @@ def sweep_command(argv: list[str]) -> int:
             line += f" {per_stage_text(r.get('relevant_kept')):>16} {per_stage_text(r.get('kept_overlap')):>16}"
         print(line)
     if relevance:
-        print("relevant kept / kept overlap per stage: recall of the relevant patches; Jaccard of the kept sets "
-              "of two questions about one image (1.00 = question-blind)")
-    print(f"results: {Path(args.out) / RESULTS}, {Path(args.out) / 'results.csv'}, {Path(args.out) / 'acc_vs_tflops.png'}")
+        print(
+            "relevant kept / kept overlap per stage: recall of the relevant patches; Jaccard of the kept sets "
+            "of two questions about one image (1.00 = question-blind)"
+        )
+    print(
+        f"results: {Path(args.out) / RESULTS}, {Path(args.out) / 'results.csv'}, {Path(args.out) / 'acc_vs_tflops.png'}"
+    )
     return 0

@@ -100,8 +100,12 @@ def build_items(out: Path, n_images: int) -> tuple[Path, Path, Path, Path]:
             answer = e["conversations"][1]["value"]
             q.write(json.dumps({"question_id": e["id"], "image": e["image"], "text": text}) + "\n")
             gt.write(json.dumps({"question_id": e["id"], "answer": answer}) + "\n")
-            data.write(json.dumps({"question_id": e["id"], "image_path": str(root / e["image"]), "text": text,
-                                   "answer": answer}) + "\n")
+            data.write(
+                json.dumps(
+                    {"question_id": e["id"], "image_path": str(root / e["image"]), "text": text, "answer": answer}
+                )
+                + "\n"
+            )
     return root, q_path, gt_path, data_path
 
 
@@ -128,8 +132,9 @@ def write_pruners(out: Path, model: str, lvp_pruners: str | None) -> dict[str, s
         folders["lvpruning"] = lvp_pruners
     else:
         torch.manual_seed(0)
-        lvp = LVPruning(after_layers=[0, 2, 4], keep_ratios=[0.5, 0.3, 0.1], train_ratios=[0.5, 0.3, 0.1],
-                        num_blocks=2, num_heads=4)
+        lvp = LVPruning(
+            after_layers=[0, 2, 4], keep_ratios=[0.5, 0.3, 0.1], train_ratios=[0.5, 0.3, 0.1], num_blocks=2, num_heads=4
+        )
         PrunedLlava(llava, lvp)
         folders["lvpruning"] = str(save_pruners(lvp, out / "pruners_lvp", overwrite=True))
     fastv = FastV(k=2, keep_ratio=0.25)
@@ -139,8 +144,14 @@ def write_pruners(out: Path, model: str, lvp_pruners: str | None) -> dict[str, s
 
 
 def offline_env() -> dict[str, str]:
-    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO))
+    env = dict(
+        os.environ,
+        HF_DATASETS_OFFLINE="1",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONPATH=str(REPO),
+    )
     env.setdefault("OMP_NUM_THREADS", "2")
     return env
 
@@ -157,14 +168,43 @@ def run(cmd: list[str], log_path: Path) -> tuple[int, float]:
 
 def lmms_command(model: str, pruners: str | None, tasks: Path, output: Path, processes: int) -> list[str]:
     model_args = f"pretrained={model},max_new_tokens={MAX_NEW_TOKENS}" + (f",pruners={pruners}" if pruners else "")
-    args = ["--model", "lightning_lvp", "--model_args", model_args, "--tasks", TASK, "--include_path", str(tasks),
-            "--batch_size", "auto", "--device", "cpu", "--output_path", str(output), "--log_samples"]
+    args = [
+        "--model",
+        "lightning_lvp",
+        "--model_args",
+        model_args,
+        "--tasks",
+        TASK,
+        "--include_path",
+        str(tasks),
+        "--batch_size",
+        "auto",
+        "--device",
+        "cpu",
+        "--output_path",
+        str(output),
+        "--log_samples",
+    ]
     if processes > 1:
         accelerate = str(Path(sys.executable).with_name("accelerate"))
         # --multi_gpu is accelerate's multi-process launcher (torchrun); without CUDA each process runs on
         # the CPU with gloo. (--cpu would start ONE process whatever --num_processes says.)
-        return [accelerate, "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
-                "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "lmms_eval", *args]
+        return [
+            accelerate,
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(processes),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "lmms_eval",
+            *args,
+        ]
     return [sys.executable, "-m", "lmms_eval", *args]
 
 
@@ -181,10 +221,30 @@ def lmms_result(output: Path) -> tuple[float | None, str | None, list[int]]:
 
 
 def evaluate_command(model: str, pruners: str | None, root: Path, q: Path, gt: Path, answers: Path) -> list[str]:
-    cmd = [sys.executable, "-m", "lightning_lvp", "evaluate", "--benchmark", BENCHMARK, "--questions", str(q),
-           "--ground_truth", str(gt), "--image_folder", str(root), "--model_path", model, "--batch_size", "8",
-           "--max_new_tokens", str(MAX_NEW_TOKENS), "--answers", str(answers), "--overwrite",
-           "--no_prompt_suffix"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lightning_lvp",
+        "evaluate",
+        "--benchmark",
+        BENCHMARK,
+        "--questions",
+        str(q),
+        "--ground_truth",
+        str(gt),
+        "--image_folder",
+        str(root),
+        "--model_path",
+        model,
+        "--batch_size",
+        "8",
+        "--max_new_tokens",
+        str(MAX_NEW_TOKENS),
+        "--answers",
+        str(answers),
+        "--overwrite",
+        "--no_prompt_suffix",
+    ]
     return cmd + (["--pruners", pruners] if pruners else [])
 
 
@@ -201,13 +261,27 @@ def check_method(name: str, pruners: str | None, args, paths, out: Path, process
     lmms_score, results_file, docs = lmms_result(out / "lmms" / tag)
     log_text = (out / f"lmms_{tag}.log").read_text(errors="replace")
     ranks = sorted({r for r in range(processes) if f"Running on rank {r} " in log_text})
-    row = {"method": name, "processes": processes, "lmms_rc": rc, "lmms_seconds": round(secs, 1),
-           "results_json": results_file, "lmms_exact_match": lmms_score, "logged_samples": len(docs),
-           "distinct_docs": len(set(docs)), "ranks_seen": ranks}
+    row = {
+        "method": name,
+        "processes": processes,
+        "lmms_rc": rc,
+        "lmms_seconds": round(secs, 1),
+        "results_json": results_file,
+        "lmms_exact_match": lmms_score,
+        "logged_samples": len(docs),
+        "distinct_docs": len(set(docs)),
+        "ranks_seen": ranks,
+    }
     if processes == 1:
-        erc, esecs = run(evaluate_command(args.model, pruners, root, q, gt, out / f"answers_{name}.jsonl"),
-                         out / f"evaluate_{name}.log")
-        row.update(evaluate_rc=erc, evaluate_seconds=round(esecs, 1), evaluate_accuracy=evaluate_result(out / f"evaluate_{name}.log"))
+        erc, esecs = run(
+            evaluate_command(args.model, pruners, root, q, gt, out / f"answers_{name}.jsonl"),
+            out / f"evaluate_{name}.log",
+        )
+        row.update(
+            evaluate_rc=erc,
+            evaluate_seconds=round(esecs, 1),
+            evaluate_accuracy=evaluate_result(out / f"evaluate_{name}.log"),
+        )
     print(json.dumps(row), flush=True)
     return row
 
@@ -218,14 +292,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default=str(REPO / "assets" / "demo_base"), help="llava-hf model folder")
     p.add_argument("--lvp_pruners", default=None, help="trained LVPruning pruners (default: seeded untrained modules)")
     p.add_argument("--n_images", type=int, default=20, help="digit grids (2 questions each)")
-    p.add_argument("--processes", type=int, default=1, help="also run the unpruned model under accelerate with N CPU processes")
+    p.add_argument(
+        "--processes", type=int, default=1, help="also run the unpruned model under accelerate with N CPU processes"
+    )
     args = p.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     root, q, gt, data = build_items(out, args.n_images)
     paths = (root, q, gt, data, write_task(out, data))
     n_items = sum(1 for _ in q.open())
-    rows = [check_method(name, folder, args, paths, out) for name, folder in write_pruners(out, args.model, args.lvp_pruners).items()]
+    rows = [
+        check_method(name, folder, args, paths, out)
+        for name, folder in write_pruners(out, args.model, args.lvp_pruners).items()
+    ]
     if args.processes > 1:
         rows.append(check_method("unpruned", None, args, paths, out, args.processes))
     failures = []
@@ -237,8 +316,10 @@ def main(argv: list[str] | None = None) -> int:
         if want is None or abs(r["lmms_exact_match"] - want) > 1e-9:
             failures.append(f"{r['method']} x{r['processes']}: lmms-eval {r['lmms_exact_match']} != evaluate {want}")
         if r["logged_samples"] != n_items or r["distinct_docs"] != n_items:
-            failures.append(f"{r['method']} x{r['processes']}: {r['logged_samples']} logged samples "
-                            f"({r['distinct_docs']} distinct), {n_items} items")
+            failures.append(
+                f"{r['method']} x{r['processes']}: {r['logged_samples']} logged samples "
+                f"({r['distinct_docs']} distinct), {n_items} items"
+            )
         if r["ranks_seen"] != list(range(r["processes"])):
             failures.append(f"{r['method']} x{r['processes']}: ranks seen {r['ranks_seen']}")
     summary = {"items": n_items, "model": args.model, "rows": rows, "failures": failures}

@@ -28,8 +28,20 @@ def _decode_step(model, tokens, positions, out):
 
 @torch.no_grad()
 def loop_generate(
-    model, input_ids, pixel_values, attention_mask=None, prompt_mask=None, ratios=None, max_new_tokens=32,
-    do_sample=False, temperature=1.0, top_k=0, top_p=1.0, eos_token_id=None, pad_token_id=None, generator=None,
+    model,
+    input_ids,
+    pixel_values,
+    attention_mask=None,
+    prompt_mask=None,
+    ratios=None,
+    max_new_tokens=32,
+    do_sample=False,
+    temperature=1.0,
+    top_k=0,
+    top_p=1.0,
+    eos_token_id=None,
+    pad_token_id=None,
+    generator=None,
 ):
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)

@@ -19,7 +19,10 @@ def test_format_sweep_without_relevance_has_no_columns():
 
 def test_format_sweep_prints_per_stage_relevance():
     stages = {"layer1": 1.0, "layer2": 0.75, "layer4": 0.5}
-    rows = [ROWS[0], {**ROWS[1], "relevant_kept": stages, "kept_overlap": {"layer1": 1.0, "layer2": 0.9, "layer4": 0.25}}]
+    rows = [
+        ROWS[0],
+        {**ROWS[1], "relevant_kept": stages, "kept_overlap": {"layer1": 1.0, "layer2": 0.9, "layer4": 0.25}},
+    ]
     lines = format_sweep(rows, None).splitlines()
     head = next(i for i, line in enumerate(lines) if line.startswith("schedule"))
     assert "relevant kept" in lines[head] and "kept overlap" in lines[head]

@@ -56,14 +56,15 @@ def test_fit_logs_ratios_losses_and_sweep_and_keeps_llava_frozen(model_dir, tmp_
     for tag in (
         "train/loss_causal",
         "train/loss_ratio",
-        "train/kept_ratio/layer1",
+        "train/kept_ratio/input",
+        "train/loss_distill",  # the demo's opt-in distillation term
         "train/kept_ratio/layer4",
         "val/kept_ratio/layer2",
         "val/acc",
         "val/acc@base",
         "val/acc@rho0.5",
         "val/tflops@rho0.45",
-        "val/relevant_kept/layer1@rho0.5",  # digits entries carry relevant patches
+        "val/relevant_kept/input@rho0.5",  # digits entries carry relevant patches
         "val/kept_overlap/layer4@rho0.6",
         "image:val/pruning",  # kept patches per stage drawn on validation images
         "image:val/acc_vs_tflops",  # the sweep plot
@@ -86,7 +87,9 @@ def test_resume_continues_from_checkpoint(model_dir, tmp_path):
     last = glob.glob(str(tmp_path / "a" / "runs" / "**" / "last.ckpt"), recursive=True)[0]
     first = torch.load(last, weights_only=False)
     main(fit_args(model_dir, tmp_path / "b", steps=4, extra=[f"--ckpt_path={last}"]))
-    resumed = torch.load(glob.glob(str(tmp_path / "b" / "runs" / "**" / "last.ckpt"), recursive=True)[0], weights_only=False)
+    resumed = torch.load(
+        glob.glob(str(tmp_path / "b" / "runs" / "**" / "last.ckpt"), recursive=True)[0], weights_only=False
+    )
     assert first["global_step"] == 2 and resumed["global_step"] == 4
     key = next(k for k in first["state_dict"] if k.startswith("method."))
     assert not torch.equal(first["state_dict"][key], resumed["state_dict"][key])
@@ -135,7 +138,10 @@ def test_demo_base_config_reproduces_a_loadable_base(tmp_path):
     )
     shipped = adapter.load_config(str(REPO / "assets" / "demo_base"))
     assert adapter.text_dims(adapter.load_config(str(out))) == adapter.text_dims(shipped)
-    assert load_file(str(out / "model.safetensors")).keys() == load_file(str(REPO / "assets" / "demo_base" / "model.safetensors")).keys()
+    assert (
+        load_file(str(out / "model.safetensors")).keys()
+        == load_file(str(REPO / "assets" / "demo_base" / "model.safetensors")).keys()
+    )
     assert (out / "tokenizer.json").read_text() == (REPO / "assets" / "demo_base" / "tokenizer.json").read_text()
     model = adapter.load_llava(str(out))  # loads with our attention, frozen
     assert not any(p.requires_grad for p in model.parameters())

@@ -116,8 +116,10 @@ def test_evaluate_schedule_relevance_on_a_tiny_model():
     assert full["kept_overlap"] == {"input": 1.0, "layer2": 1.0, "layer3": 1.0}
     res = evaluate_schedule(model, [batch], [0.5, 0.3, 0.1])
     with torch.no_grad():
-        out = model.forward_infer(**{k: batch[k] for k in ("input_ids", "pixel_values", "attention_mask", "prompt_mask")},
-                                  ratios=[0.5, 0.3, 0.1])
+        out = model.forward_infer(
+            **{k: batch[k] for k in ("input_ids", "pixel_values", "attention_mask", "prompt_mask")},
+            ratios=[0.5, 0.3, 0.1],
+        )
     relevant = patch_relevance(batch["relevant_mask"], batch["vision_mask"])
     for s, name in enumerate(["input", "layer2", "layer3"]):
         kept = out.kept_patches[s]

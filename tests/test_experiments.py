@@ -52,7 +52,11 @@ def test_paper_config_builds_on_a_tiny_32_layer_llava(path, tmp_path):
     from lightning_lvp.lit_module import LVPModule
 
     module = LVPModule(
-        model_path=str(tmp_path), method=method, gradient_checkpointing=True, dtype="float32", optimizer=torch.optim.AdamW
+        model_path=str(tmp_path),
+        method=method,
+        gradient_checkpointing=True,
+        dtype="float32",
+        optimizer=torch.optim.AdamW,
     )
     module.configure_model()
     batch = make_batch([(3, 6, 2)])

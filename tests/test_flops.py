@@ -201,7 +201,10 @@ model:
     table = capsys.readouterr().out
     assert "unpruned" in table and "[0.5, 0.3, 0.1]" in table and "pruners" in table
     # the common schedule syntax (lightning_lvp/schedules.py): paper rule and ';' give the same rows
-    assert F.flops_command([*argv[:-3], "--schedules", "0.6,0.4,0.2;paper:0.5", "--json", "--convention", "all_vision"]) == 0
+    assert (
+        F.flops_command([*argv[:-3], "--schedules", "0.6,0.4,0.2;paper:0.5", "--json", "--convention", "all_vision"])
+        == 0
+    )
     same = json.loads(capsys.readouterr().out)
     assert [r["schedule"] for r in same] == [None, [0.6, 0.4, 0.2], [0.5, 0.3, 0.1]]
     assert [r["tflops"] for r in same] == [r["tflops"] for r in rows]

@@ -26,7 +26,11 @@ def test_lmms_eval_cli_scores_equal_evaluate(tmp_path):
     cmd = [str(PYTHON), str(REPO / "scripts" / "lmms_e2e.py"), "--out", str(tmp_path), "--n_images", "3"]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=3600)
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert done.returncode == 0 and not summary["failures"], (summary["failures"], done.stdout[-3000:], done.stderr[-3000:])
+    assert done.returncode == 0 and not summary["failures"], (
+        summary["failures"],
+        done.stdout[-3000:],
+        done.stderr[-3000:],
+    )
     rows = {r["method"]: r for r in summary["rows"]}
     assert set(rows) == {"unpruned", "lvpruning", "fastv"} and summary["items"] == 6
     for r in rows.values():

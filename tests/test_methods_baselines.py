@@ -200,7 +200,10 @@ def test_dart_reads_the_keys_of_layer_k_and_final_norm(llava):
         pos = torch.arange(ids.shape[1])[None]
         cos, sin = llava.model.language_model.rotary_emb(h_in, pos)
         kk = attn.k_proj(layer.input_layernorm(h_in)).view(1, ids.shape[1], -1, attn.head_dim).transpose(1, 2)
-        kk = kk * cos[:, None] + torch.cat([-kk[..., attn.head_dim // 2 :], kk[..., : attn.head_dim // 2]], -1) * sin[:, None]
+        kk = (
+            kk * cos[:, None]
+            + torch.cat([-kk[..., attn.head_dim // 2 :], kk[..., : attn.head_dim // 2]], -1) * sin[:, None]
+        )
         kk = kk.repeat_interleave(attn.num_key_value_groups, 1).transpose(1, 2).reshape(1, ids.shape[1], -1)
         normed = llava.model.language_model.norm(h_out)
     vision = ids == SPEC.image_token_id

@@ -34,7 +34,9 @@ METHODS = {
     "dart": lambda: DART(k=1, keep_ratio=0.5, pivot_image=2, pivot_text=2),
     "pdrop": lambda: PyramidDrop(layers=[1, 2], lam=0.5),
     "visionzip": lambda: VisionZip(keep_ratio=0.5, contextual_fraction=0.25),
-    "visionzip_original": lambda: VisionZip(keep_ratio=0.5, contextual_fraction=0.25, cls_to_llm=False, layout="original"),
+    "visionzip_original": lambda: VisionZip(
+        keep_ratio=0.5, contextual_fraction=0.25, cls_to_llm=False, layout="original"
+    ),
     "visionzip_dominant": lambda: VisionZip(keep_ratio=0.375, contextual_fraction=0.0),
 }
 

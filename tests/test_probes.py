@@ -34,7 +34,9 @@ def tokens(vision: torch.Tensor, relevant: torch.Tensor, text: torch.Tensor | No
     b, n, d = vision.shape
     text = torch.zeros(b, 1, d) if text is None else text
     ones = torch.ones(b, n, dtype=torch.bool)
-    return Tokens(vision, ones, text, torch.ones(text.shape[:2], dtype=torch.bool), relevant, torch.arange(n).expand(b, n))
+    return Tokens(
+        vision, ones, text, torch.ones(text.shape[:2], dtype=torch.bool), relevant, torch.arange(n).expand(b, n)
+    )
 
 
 def test_topk_recall_exact():
@@ -119,7 +121,9 @@ def test_hidden_states_match_hf(setup):
     model = PrunedLlava(llava, None).eval()
     g = torch.Generator().manual_seed(0)
     n_vis = int(llava.config.image_seq_length)
-    ids = torch.cat([torch.tensor([[1, 5]]), torch.full((1, n_vis), adapter.image_token_id(llava)), torch.tensor([[7, 8, 9]])], 1)
+    ids = torch.cat(
+        [torch.tensor([[1, 5]]), torch.full((1, n_vis), adapter.image_token_id(llava)), torch.tensor([[7, 8, 9]])], 1
+    )
     pix = torch.randn(1, 3, 48, 48, generator=g)
     batch = {"input_ids": ids, "pixel_values": pix, "attention_mask": torch.ones_like(ids)}
     _, hidden = hidden_at_depths(model, batch, [0, 1, 3])

@@ -73,7 +73,9 @@ def sweep_setup(tmp_path_factory):
     save_pruners(method, root / "pruners")
     cfg = (REPO / "experiments" / "demo.yaml").read_text()
     cfg = cfg.replace("    cache_dir: .cache", f"    cache_dir: {root / 'cache'}")
-    cfg = cfg.replace("      question_types: [cell]", "      question_types: [cell]\n      train_images: 4\n      val_images: 4")
+    cfg = cfg.replace(
+        "      question_types: [cell]", "      question_types: [cell]\n      train_images: 4\n      val_images: 4"
+    )
     (root / "cfg.yaml").write_text(cfg)
     return root, model_dir, dims
 
@@ -102,7 +104,9 @@ def test_sweep_records_its_settings_refuses_to_mix_and_says_what_it_reuses(sweep
     out = tmp_path / "out"
     assert run_sweep(root, model_dir, out, "0.6") == 0
     settings = json.loads((out / "results.json").read_text())["settings"]
-    assert settings["batch_size"] == 8 and len(settings["pruners_sha256"]) == 64 and len(settings["config_sha256"]) == 64
+    assert (
+        settings["batch_size"] == 8 and len(settings["pruners_sha256"]) == 64 and len(settings["config_sha256"]) == 64
+    )
     assert settings["model_fingerprint"].startswith("sha256:")
     printed = capsys.readouterr().out
     assert " n " in printed.splitlines()[0] and "[0.6, 0.4, 0.2]" in printed  # the table shows n
@@ -238,7 +242,9 @@ def test_tokenizer_without_pad_or_image_token_is_an_error_naming_the_folder(tmp_
     dm = LlavaDataModule(str(tmp_path))
     processor = dm.load_processor()
     processor.tokenizer.pad_token = None
-    with pytest.raises(ValueError, match=rf'tokenizer in data.processor_path={tmp_path} has no pad token: set "pad_token"'):
+    with pytest.raises(
+        ValueError, match=rf'tokenizer in data.processor_path={tmp_path} has no pad token: set "pad_token"'
+    ):
         dm.pad_token_id()
     other = AutoProcessor.from_pretrained(tmp_path)
     unknown = other.tokenizer.unk_token_id  # what a tokenizer without <image> answers

@@ -114,7 +114,11 @@ def test_truncated_and_foreign_checkpoints_are_errors_naming_the_file(model_dir,
     torch.save({"weights": torch.ones(2)}, foreign)
     empty = tmp_path / "empty.ckpt"
     empty.write_bytes(b"")
-    for path, message in ((truncated, "cannot be read"), (empty, "cannot be read"), (foreign, "not a Lightning checkpoint")):
+    for path, message in (
+        (truncated, "cannot be read"),
+        (empty, "cannot be read"),
+        (foreign, "not a Lightning checkpoint"),
+    ):
         with pytest.raises(CheckpointReadError) as error:  # from the command line, before any training
             main(run_args(model_dir, tmp_path / "b", tmp_path / "cache", steps=4, extra=[f"--ckpt_path={path}"]))
         assert str(path) in str(error.value) and message in str(error.value)

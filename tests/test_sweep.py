@@ -24,15 +24,30 @@ def setup(tmp_path_factory):
     save_pruners(method, root / "pruners")
     cfg = (REPO / "experiments" / "demo.yaml").read_text()
     cfg = cfg.replace("    cache_dir: .cache", f"    cache_dir: {root / 'cache'}")
-    cfg = cfg.replace("      question_types: [cell]", "      question_types: [cell]\n      train_images: 8\n      val_images: 8")
+    cfg = cfg.replace(
+        "      question_types: [cell]", "      question_types: [cell]\n      train_images: 8\n      val_images: 8"
+    )
     (root / "cfg.yaml").write_text(cfg)
     return root, model_dir
 
 
 def run(root, model_dir, out, rhos, extra=()):
     return sweep.sweep_command(
-        ["-c", str(root / "cfg.yaml"), "--pruners", str(root / "pruners"), "--model_path", str(model_dir),
-         "--rhos", rhos, "--out", str(out), "--batch_size", "8", *extra]
+        [
+            "-c",
+            str(root / "cfg.yaml"),
+            "--pruners",
+            str(root / "pruners"),
+            "--model_path",
+            str(model_dir),
+            "--rhos",
+            rhos,
+            "--out",
+            str(out),
+            "--batch_size",
+            "8",
+            *extra,
+        ]
     )
 
 
@@ -51,7 +66,13 @@ def test_sweep_writes_files_and_resumes(setup, tmp_path, monkeypatch):
     assert calls == [[0.45, 0.25, 0.05], [0.5, 0.3, 0.1], [0.55, 0.35, 0.15]]
     data = json.loads((out / "results.json").read_text())
     rows = data["rows"]
-    assert [r["name"] for r in rows] == ["base", "[0.6, 0.4, 0.2]", "[0.45, 0.25, 0.05]", "[0.5, 0.3, 0.1]", "[0.55, 0.35, 0.15]"]
+    assert [r["name"] for r in rows] == [
+        "base",
+        "[0.6, 0.4, 0.2]",
+        "[0.45, 0.25, 0.05]",
+        "[0.5, 0.3, 0.1]",
+        "[0.55, 0.35, 0.15]",
+    ]
     tflops = {r["name"]: r["tflops"] for r in rows}
     assert tflops["[0.45, 0.25, 0.05]"] < tflops["[0.5, 0.3, 0.1]"] < tflops["[0.6, 0.4, 0.2]"]
     assert rows[3]["kept_tokens"] == [18.0, 11.0, 4.0]  # round(rho x 36) per stage

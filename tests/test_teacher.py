@@ -6,8 +6,8 @@ import copy
 import math
 
 import torch
-
 from core_fixtures import IMG, make_batch, make_model
+
 from lightning_lvp.teacher import answer_attention, distillation_loss, predicting_positions
 
 

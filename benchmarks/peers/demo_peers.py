@@ -61,7 +61,9 @@ def main(argv: list[str]) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/peers/demo_peers.py " + shlex.join(argv)
-    (out / "peers.json").write_text(json.dumps({"command": command, "seconds": time.time() - start, "rows": rows}, indent=1))
+    (out / "peers.json").write_text(
+        json.dumps({"command": command, "seconds": time.time() - start, "rows": rows}, indent=1)
+    )
     (out / "peers.md").write_text(markdown_table(rows) + f"\n\nCommand: `{command}`\n")
     plot_accuracy_vs_tflops(rows, out / "peers.png")
     print(markdown_table(rows))

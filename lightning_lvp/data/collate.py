@@ -155,7 +155,9 @@ class SkipCountingLoader(DataLoader):
     ) -> None:
         super().__init__(*args, **kwargs)
         self.split = split
-        self.tally = tally if tally is not None else SkipTally(split, skip_counter if skip_counter is not None else Counter())
+        self.tally = (
+            tally if tally is not None else SkipTally(split, skip_counter if skip_counter is not None else Counter())
+        )
         self._position = 0  # batches taken from the index sampler in the current epoch (skipped ones included)
         self._epoch_rng: torch.Tensor | None = None  # generator state when the current epoch started
         self._finished = False

@@ -254,8 +254,8 @@ class LlavaDataModule(L.LightningDataModule):
         tokenizer = self.load_processor().tokenizer
         if tokenizer.pad_token_id is None:
             raise ValueError(
-                f"the tokenizer in data.processor_path={self.processor_path} has no pad token: set \"pad_token\" in "
-                f"{Path(self.processor_path) / 'tokenizer_config.json'} (LLaVA-1.5 uses \"<pad>\"), or add one with "
+                f'the tokenizer in data.processor_path={self.processor_path} has no pad token: set "pad_token" in '
+                f'{Path(self.processor_path) / "tokenizer_config.json"} (LLaVA-1.5 uses "<pad>"), or add one with '
                 "tokenizer.add_special_tokens({'pad_token': '<pad>'}) and save_pretrained"
             )
         return int(tokenizer.pad_token_id)

@@ -125,7 +125,9 @@ class SkipReport(L.Callback):
         self._totals.setdefault(split, Counter()).update(counts)
         n = sum(counts.values())
         if n:
-            log.warning("%s %s: skipped %d bad samples (%s); ids in %s", split, when, n, format_counts(counts), self.path)
+            log.warning(
+                "%s %s: skipped %d bad samples (%s); ids in %s", split, when, n, format_counts(counts), self.path
+            )
         if trainer.logger is not None:
             metrics = {f"skipped/{split}": float(n), **{f"skipped/{split}/{k}": float(v) for k, v in counts.items()}}
             trainer.logger.log_metrics(metrics, step=trainer.global_step)

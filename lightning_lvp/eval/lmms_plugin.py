@@ -99,8 +99,15 @@ def encode_sample(processor, prompt: str, image, continuation: str | None = None
         rendered = RenderedConversation(rendered.text, [(start, end - sep2)], rendered.answer)
     image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
     ids, labels, vision = tokenize_conversation(rendered, tok, num_image_tokens(processor), image_id)
-    sample = {"input_ids": ids, "vision_mask": vision, "prompt_mask": ~vision, "pixel_values": _pixels(processor, image),
-              "id": "", "answer": "", "question_type": ""}
+    sample = {
+        "input_ids": ids,
+        "vision_mask": vision,
+        "prompt_mask": ~vision,
+        "pixel_values": _pixels(processor, image),
+        "id": "",
+        "answer": "",
+        "question_type": "",
+    }
     if continuation is not None:
         sample["labels"] = labels
         sample["prompt_mask"] = ~vision & (labels == -100)  # the pruner's keys: the context only

@@ -99,13 +99,20 @@ def evaluate_command(argv: list[str]) -> int:
     p.add_argument("--image_folder", action="append", required=True, help="image folder (repeatable)")
     p.add_argument("--model_path", required=True, help="llava-hf model folder or hub id")
     p.add_argument("--pruners", default=None, help="pruner folder or checkpoint (omit for the unpruned model)")
-    p.add_argument("--ratios", default=None, help="inference schedule 'a,b,c' or 'paper:0.5' (lightning_lvp/schedules.py; default: the pruners' keep_ratios)")
+    p.add_argument(
+        "--ratios",
+        default=None,
+        help="inference schedule 'a,b,c' or 'paper:0.5' (lightning_lvp/schedules.py; default: the pruners' keep_ratios)",
+    )
     p.add_argument("--batch_size", type=int, default=8, help="questions per generation batch")
     p.add_argument("--max_new_tokens", type=int, default=16, help="decoding budget per answer")
     p.add_argument("--answers", required=True, help="answers JSONL to write (never overwritten without --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing answers file")
-    p.add_argument("--no_prompt_suffix", action="store_true",
-                   help="send the bare question, without the benchmark's suffix line (models trained without it, e.g. the digits demo)")
+    p.add_argument(
+        "--no_prompt_suffix",
+        action="store_true",
+        help="send the bare question, without the benchmark's suffix line (models trained without it, e.g. the digits demo)",
+    )
     args = p.parse_args(argv)
     model = PrunedLlava.from_pretrained(args.model_path, args.pruners)
     processor = AutoProcessor.from_pretrained(args.model_path)
@@ -115,11 +122,19 @@ def evaluate_command(argv: list[str]) -> int:
     questions, issues = load_questions(args.questions)
     for issue in issues:
         log.warning("%s", issue)
-    records = generate_answers(args.benchmark, questions, gen, model_id=Path(args.model_path).name, batch_size=args.batch_size,
-                               prompt_suffix=not args.no_prompt_suffix)
+    records = generate_answers(
+        args.benchmark,
+        questions,
+        gen,
+        model_id=Path(args.model_path).name,
+        batch_size=args.batch_size,
+        prompt_suffix=not args.no_prompt_suffix,
+    )
     write_answers_jsonl(args.answers, records, overwrite=args.overwrite)
-    print(f"wrote {len(records)} answers to {args.answers}; malformed question lines: {len(issues)}; "
-          f"missing/unreadable images: {dict(gen.missing)}")
+    print(
+        f"wrote {len(records)} answers to {args.answers}; malformed question lines: {len(issues)}; "
+        f"missing/unreadable images: {dict(gen.missing)}"
+    )
     if args.ground_truth:
         report = score_benchmark(args.benchmark, args.answers, args.ground_truth, missing_image_ids=gen.missing_ids)
         print(json.dumps({"metrics": report["metrics"], "counts": report["counts"]}, indent=2))

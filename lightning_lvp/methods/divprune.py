@@ -83,7 +83,9 @@ class DivPrune(PruningMethod):
         if positions not in ("original", "consecutive"):
             raise ValueError(f"DivPrune positions must be 'original' or 'consecutive', got {positions!r}")
         if positions == "consecutive" and after_layer != 0:
-            raise ValueError("DivPrune positions='consecutive' needs after_layer=0 (no cached layer may change positions)")
+            raise ValueError(
+                "DivPrune positions='consecutive' needs after_layer=0 (no cached layer may change positions)"
+            )
         self.positions = positions
 
     def select(self, state: SeqState, ctx: StageContext, ratio: float | None) -> torch.Tensor:

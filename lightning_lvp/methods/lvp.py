@@ -92,7 +92,13 @@ class LVPruning(PruningMethod):
         ki, kvalid = pack_index(self._key_mask(state))  # (B, Nt)
         module = self.decision[ctx.stage]
         pos = state.position_ids
-        gamma = module(gather_rows(state.hidden, qi), gather_rows(state.hidden, ki), kvalid, gather_rows(pos, qi), gather_rows(pos, ki))
+        gamma = module(
+            gather_rows(state.hidden, qi),
+            gather_rows(state.hidden, ki),
+            kvalid,
+            gather_rows(pos, qi),
+            gather_rows(pos, ki),
+        )
         gamma = gamma * qvalid[..., None]
         full = gamma.new_zeros(*state.valid.shape, 2)  # gamma's dtype (autocast may differ from hidden)
         return full.scatter(1, qi[..., None].expand(-1, -1, 2), gamma)  # qi is a permutation slice: no clashes

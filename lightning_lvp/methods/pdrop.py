@@ -43,7 +43,9 @@ class PyramidDrop(PruningMethod):
         keep_ratios: explicit kept fractions per boundary instead of ``lam`` (non-increasing).
     """
 
-    def __init__(self, layers: Sequence[int] = (8, 16, 24), lam: float = 0.5, keep_ratios: Sequence[float] | None = None):
+    def __init__(
+        self, layers: Sequence[int] = (8, 16, 24), lam: float = 0.5, keep_ratios: Sequence[float] | None = None
+    ):
         layers = list(layers)
         if any(not isinstance(x, int) or x < 1 for x in layers):
             raise ValueError(f"PyramidDrop layers must be LLM layers >= 1 (it ranks with the next layer), got {layers}")

@@ -142,7 +142,11 @@ def peer_entries(
             layers = paper_layers(num_layers)
             lam = pyramid_lambda(share, layers, num_layers)
             if lam is None:
-                log.warning("compare: PyramidDrop at layers %s cannot reach a layer-mean kept share %.3f; row skipped", layers, share)
+                log.warning(
+                    "compare: PyramidDrop at layers %s cannot reach a layer-mean kept share %.3f; row skipped",
+                    layers,
+                    share,
+                )
                 continue
             ratios = [round(max(x, 1.0 / n_vision), 6) for x in pyramid_ratios(lam, len(layers))]  # >= 1 token
             out.append((f"pdrop_{t}", PyramidDrop(layers=layers, lam=round(lam, 6), keep_ratios=ratios), ratios))

@@ -118,7 +118,9 @@ class VisionZip(PruningMethod):
 
     def apply(self, state: SeqState, ctx: StageContext, ratio: float | None) -> SeqState:
         if ctx.vision_attention is None or ctx.project is None or ctx.vision_hidden is None:
-            raise ValueError("VisionZip needs ctx.vision_attention, ctx.project and ctx.vision_hidden (the vision tower)")
+            raise ValueError(
+                "VisionZip needs ctx.vision_attention, ctx.project and ctx.vision_hidden (the vision tower)"
+            )
         n = state.n_vision
         if bool((state.alive_vision.sum(1) != n).any()) or bool((n != n[0]).any()):
             raise ValueError("VisionZip must be the first stage, on images with the same number of patches")
@@ -145,7 +147,9 @@ class VisionZip(PruningMethod):
         keep_patch = torch.zeros(patch_embeds.shape[:2], dtype=torch.bool, device=dom.device)
         keep_patch.scatter_(1, torch.cat([dom, targets], 1), True)
         embeds = patch_embeds.scatter(1, targets[..., None].expand_as(merged), merged)
-        keep = (state.valid & ~state.vision) | (state.alive_vision & keep_patch.gather(1, state.patch_index.clamp(min=0)))
+        keep = (state.valid & ~state.vision) | (
+            state.alive_vision & keep_patch.gather(1, state.patch_index.clamp(min=0))
+        )
         new = state.select(keep)
         at_slots = gather_rows(embeds, new.patch_index.clamp(min=0))
         new.hidden = torch.where(new.alive_vision[..., None], at_slots, new.hidden)

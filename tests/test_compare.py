@@ -185,7 +185,7 @@ def test_compare_command_end_to_end(tmp_path):
         "uniform",
         *PEER_ROWS_4_LAYERS,
     ]
-    assert int(rows[0]["n"]) == 4  # 2 images x 2 question types x 1
+    assert int(rows[0]["n"]) == 2  # 2 images x 1 question type (the default, cell) x 1
     tflops = {r["name"]: float(r["tflops"]) for r in rows}
     assert all(tflops[name] < tflops["base"] for name in tflops if name != "base")
     assert float(rows[0]["flops_change"]) == 0.0

@@ -122,7 +122,10 @@ class PrunedLlava(nn.Module):
         llava = adapter.load_llava(model_path, dtype=dtype, device=device)
         method = None
         if pruners:
-            method = load_method(pruners, adapter.text_dims(llava.config), device=device or "cpu")
+            try:
+                method = load_method(pruners, adapter.text_dims(llava.config), device=device or "cpu")
+            except ValueError as e:  # name both sides: the base folder and the pruner folder (#11)
+                raise ValueError(f"pruners {pruners} do not fit the base model {model_path}: {e}") from e
         return cls(llava, method).eval()
 
     def train(self, mode: bool = True) -> PrunedLlava:

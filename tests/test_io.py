@@ -35,3 +35,17 @@ def test_mismatched_model_is_a_clear_error(tmp_path):
         load_pruners(tmp_path, deeper)
     with pytest.raises(FileNotFoundError, match="pruners.json"):
         load_pruners(tmp_path / "missing", model.dims)
+
+
+def test_pruners_for_another_base_name_both_folders(tmp_path):
+    """PrunedLlava.from_pretrained: pruners trained for another LLM width fail naming the base and the pruners."""
+    from lightning_lvp.model import PrunedLlava
+    from lightning_lvp.tiny import TinyLlavaSpec, build_tiny_llava
+
+    model = make_model()  # hidden 32
+    save_pruners(model.method, tmp_path / "pruners")
+    build_tiny_llava(TinyLlavaSpec(hidden_size=64, num_heads=4, num_kv_heads=4)).save_pretrained(tmp_path / "base64")
+    with pytest.raises(ValueError) as err:
+        PrunedLlava.from_pretrained(str(tmp_path / "base64"), pruners=str(tmp_path / "pruners"))
+    message = str(err.value)
+    assert str(tmp_path / "pruners") in message and str(tmp_path / "base64") in message and "hidden_size" in message

@@ -52,3 +52,25 @@ def tiny_pruned_model(model_dir: Path):
 
     method = LVPruning(after_layers=[1, 2, 4], keep_ratios=[0.5, 0.3, 0.1], train_ratios=[0.5, 0.3, 0.1], num_heads=4)
     return PrunedLlava(adapter.load_llava(str(model_dir)), method).eval()
+
+
+def sweep_folder(root: Path, images: int) -> tuple[Path, Path]:
+    """A tiny model folder, LVPruning pruners (after layers 1/2/4) and experiments/demo.yaml shrunk to
+    ``images`` train/val images with its cache under ``root``: what the sweep tests run on.
+
+    Returns:
+        the model folder and the LLM dims it was built with (``root / "pruners"``, ``root / "cfg.yaml"`` written).
+    """
+    from lightning_lvp.io import save_pruners
+    from lightning_lvp.methods import LVPruning
+
+    model_dir = tiny_model_folder(root / "model")
+    dims = adapter.text_dims(adapter.load_config(str(model_dir)))
+    method = LVPruning(after_layers=[1, 2, 4], keep_ratios=[0.5, 0.3, 0.1], train_ratios=[0.5, 0.3, 0.1], num_heads=4)
+    method.bind(dims)
+    save_pruners(method, root / "pruners")
+    cfg = (Path(__file__).resolve().parents[1] / "experiments" / "demo.yaml").read_text()
+    cfg = cfg.replace("    cache_dir: .cache", f"    cache_dir: {root / 'cache'}")
+    shrunk = f"      question_types: [cell]\n      train_images: {images}\n      val_images: {images}"
+    (root / "cfg.yaml").write_text(cfg.replace("      question_types: [cell]", shrunk))
+    return model_dir, dims

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_fixtures import tiny_model_folder
+from cli_fixtures import sweep_folder
 
 from lightning_lvp import adapter, compare, sweep
 from lightning_lvp.io import load_pruners, save_pruners
@@ -66,17 +66,7 @@ def test_pruner_folder_without_weights_or_with_cut_files_is_an_error_naming_the_
 @pytest.fixture(scope="module")
 def sweep_setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
-    model_dir = tiny_model_folder(root / "model")
-    dims = adapter.text_dims(adapter.load_config(str(model_dir)))
-    method = LVPruning(after_layers=[1, 2, 4], keep_ratios=[0.5, 0.3, 0.1], train_ratios=[0.5, 0.3, 0.1], num_heads=4)
-    method.bind(dims)
-    save_pruners(method, root / "pruners")
-    cfg = (REPO / "experiments" / "demo.yaml").read_text()
-    cfg = cfg.replace("    cache_dir: .cache", f"    cache_dir: {root / 'cache'}")
-    cfg = cfg.replace(
-        "      question_types: [cell]", "      question_types: [cell]\n      train_images: 4\n      val_images: 4"
-    )
-    (root / "cfg.yaml").write_text(cfg)
+    model_dir, dims = sweep_folder(root, images=4)
     return root, model_dir, dims
 
 

@@ -6,11 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-from cli_fixtures import tiny_model_folder
+from cli_fixtures import sweep_folder
 
-from lightning_lvp import adapter, sweep
-from lightning_lvp.io import save_pruners
-from lightning_lvp.methods import LVPruning
+from lightning_lvp import sweep
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -18,16 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
-    model_dir = tiny_model_folder(root / "model")
-    method = LVPruning(after_layers=[1, 2, 4], keep_ratios=[0.5, 0.3, 0.1], train_ratios=[0.5, 0.3, 0.1], num_heads=4)
-    method.bind(adapter.text_dims(adapter.load_config(str(model_dir))))
-    save_pruners(method, root / "pruners")
-    cfg = (REPO / "experiments" / "demo.yaml").read_text()
-    cfg = cfg.replace("    cache_dir: .cache", f"    cache_dir: {root / 'cache'}")
-    cfg = cfg.replace(
-        "      question_types: [cell]", "      question_types: [cell]\n      train_images: 8\n      val_images: 8"
-    )
-    (root / "cfg.yaml").write_text(cfg)
+    model_dir, _ = sweep_folder(root, images=8)
     return root, model_dir
 
 

@@ -80,7 +80,7 @@ def resolve_last_checkpoint(config) -> Path:
 def parse_config(args: list[str]):
     """Parses and validates a command line / config exactly as ``fit`` would, without instantiating."""
     from lightning_lvp.data.datamodule import LlavaDataModule
-    from lightning_lvp.lit_module import LVPModule
+    from lightning_lvp.training.module import LVPModule
 
     class ParseOnly(_cli_class()):
         def instantiate_classes(self) -> None:
@@ -101,7 +101,7 @@ def parse_config(args: list[str]):
 def run_lightning_cli(args: list[str] | None = None):
     """LightningCLI over :class:`LVPModule` and :class:`LlavaDataModule` (subclasses allowed)."""
     from lightning_lvp.data.datamodule import LlavaDataModule
-    from lightning_lvp.lit_module import LVPModule
+    from lightning_lvp.training.module import LVPModule
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return _cli_class()(

@@ -33,6 +33,12 @@ class LVPruning(PruningMethod):
             at inference that is all text) or "all_text" (also the answer during training).
         score: inference ranking: "log_odds" = gamma_keep - gamma_drop (what the Gumbel decision
             depends on; default) or "keep_logit" = gamma_keep alone (METHOD §4's literal reading).
+        ratio_control: gain of an integral controller on the TRAINING kept ratios (not in the paper;
+            0 = off, the paper). The Gumbel decisions then use the per-sample CENTERED log-odds plus a
+            per-stage bias, and each training step adds ``gain * (rho_s - kept_s)`` to the bias
+            (:meth:`control_ratios`): the kept ratios track their targets whatever the other loss terms
+            do, and the modules only learn the ranking. Inference ranks by score within a stage, which a
+            per-sample constant does not change, so centering and bias only act in training.
     """
 
     trainable = True
@@ -50,6 +56,7 @@ class LVPruning(PruningMethod):
         rotary: bool = False,
         keys: Literal["prompt", "all_text"] = "prompt",
         score: Literal["log_odds", "keep_logit"] = "log_odds",
+        ratio_control: float = 0.0,
     ):
         super().__init__(after_layers, keep_ratios)
         self.train_ratios = [float(r) for r in validate_ratios(train_ratios, "train_ratios")]
@@ -68,9 +75,14 @@ class LVPruning(PruningMethod):
         self.arch = dict(
             num_blocks=num_blocks, num_heads=num_heads, ffn_mult=ffn_mult, dim=dim, input_norm=input_norm, rotary=rotary
         )
+        if ratio_control < 0:
+            raise ValueError(f"ratio_control must be >= 0, got {ratio_control}")
         self.keys = keys
         self.score = score
+        self.ratio_control = float(ratio_control)
         self.decision = nn.ModuleList()
+        # persistent only when used: pruner folders / checkpoints without a controller keep their keys
+        self.register_buffer("ratio_bias", torch.zeros(self.num_stages), persistent=self.ratio_control > 0)
 
     def bind(self, dims: TextDims) -> None:
         super().bind(dims)
@@ -108,4 +120,31 @@ class LVPruning(PruningMethod):
         return g[..., 0] - g[..., 1] if self.score == "log_odds" else g[..., 0]
 
     def decide(self, state: SeqState, ctx: StageContext, tau: float) -> torch.Tensor:
-        return gumbel_keep(self.gamma(state, ctx), tau) * state.alive_vision
+        gamma = self.gamma(state, ctx)
+        if self.ratio_control > 0:
+            gamma = self._controlled(gamma, state.alive_vision, ctx.stage)
+        return gumbel_keep(gamma, tau) * state.alive_vision
+
+    def _controlled(self, gamma: torch.Tensor, alive: torch.Tensor, stage: int) -> torch.Tensor:
+        """(B, L, 2) -> keep/drop logits ``[log_odds - mean_alive(log_odds) + b_s, 0]``.
+
+        Centering the log-odds per sample takes the "keep more / fewer of every token" direction away from
+        the modules (it would grow without bound against the bias), so the causal loss can only move the
+        modules' RANKING; how many tokens are kept is the controller bias ``b_s`` alone.
+        """
+        log_odds = gamma[..., 0] - gamma[..., 1]
+        weight = alive.to(log_odds)
+        mean = (log_odds * weight).sum(1, keepdim=True) / weight.sum(1, keepdim=True).clamp(min=1)
+        keep = (log_odds - mean) * weight + self.ratio_bias[stage].to(log_odds)
+        return torch.stack([keep, torch.zeros_like(keep)], -1)
+
+    @torch.no_grad()
+    def control_ratios(self, kept: torch.Tensor, targets: torch.Tensor) -> None:
+        """One step of the integral ratio controller: ``b_s += gain * (rho_s - kept_s)``.
+
+        Args:
+            kept: (S,) mean kept fraction per stage in this training step (all ranks' mean under DDP).
+            targets: (S,) the ratio targets of this step.
+        """
+        if self.ratio_control > 0:
+            self.ratio_bias += self.ratio_control * (targets.to(self.ratio_bias) - kept.to(self.ratio_bias))

@@ -1,0 +1,91 @@
+"""The integral ratio controller of LVPruning (``ratio_control``; not in the paper)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from core_fixtures import inputs, make_batch, make_method, make_model
+
+from lightning_lvp.decision import ratio_loss
+
+
+def test_control_step_is_gain_times_error():
+    method = make_method(ratio_control=0.5)
+    method.control_ratios(torch.tensor([0.7, 0.3, 0.0]), torch.tensor([0.5, 0.3, 0.1]))
+    assert torch.allclose(method.ratio_bias, torch.tensor([-0.1, 0.0, 0.05]))
+    method.control_ratios(torch.tensor([0.7, 0.2, 0.0]), torch.tensor([0.5, 0.3, 0.1]))  # integrates
+    assert torch.allclose(method.ratio_bias, torch.tensor([-0.2, 0.05, 0.1]))
+
+
+def test_off_by_default_and_keys_unchanged():
+    """Without the controller the state_dict has no new key, so older pruner folders still load."""
+    off, on = make_method(), make_method(ratio_control=1.0)
+    off.control_ratios(torch.tensor([1.0, 1.0, 1.0]), torch.tensor([0.5, 0.3, 0.1]))
+    assert torch.equal(off.ratio_bias, torch.zeros(3))
+    model_off, model_on = make_model(off), make_model(on)
+    assert "ratio_bias" not in model_off.method.state_dict()
+    assert "ratio_bias" in model_on.method.state_dict()
+    with pytest.raises(ValueError, match="ratio_control"):
+        make_method(ratio_control=-1.0)
+
+
+@pytest.mark.parametrize("bias, expected", [(60.0, 1.0), (-60.0, 0.0)])
+def test_bias_moves_training_decisions(bias, expected):
+    """A large bias keeps (drops) every alive token in the masked training forward: the bias reaches
+    the Gumbel decisions of every stage."""
+    torch.manual_seed(0)
+    model = make_model(make_method(ratio_control=1.0)).train()
+    model.method.ratio_bias.fill_(bias)
+    batch = make_batch([(3, 4, 2), (1, 6, 3)])
+    out = model.forward_train(**inputs(batch), labels=batch["labels"], tau=1.0)
+    assert torch.equal(out.kept, torch.full_like(out.kept, expected))
+
+
+def test_offset_of_the_modules_does_not_change_decisions():
+    """With the controller, decisions depend on the per-sample CENTERED log-odds: shifting every keep
+    logit by a constant (what the causal loss would otherwise learn, "keep more of everything") gives
+    the same Gumbel decisions for the same noise."""
+    model = make_model(make_method(ratio_control=1.0)).train()
+    batch = make_batch([(3, 4, 2), (1, 6, 3)])
+    torch.manual_seed(1)
+    ref = model.forward_train(**inputs(batch), labels=batch["labels"], tau=1.0)
+    for module in model.method.decision:
+        module.head.bias.data[0] += 5.0  # the keep logit's bias: log-odds + 5 everywhere
+    torch.manual_seed(1)
+    shifted = model.forward_train(**inputs(batch), labels=batch["labels"], tau=1.0)
+    assert torch.equal(ref.kept, shifted.kept)
+    for a, b in zip(ref.decisions, shifted.decisions):
+        assert torch.equal(a, b)
+
+
+def test_inference_ignores_bias():
+    """Inference keeps the top round(ratio * N) by score within a stage: a per-stage constant cannot
+    change which tokens, so a trained bias leaves the pruned forward bitwise unchanged."""
+    model = make_model(make_method(ratio_control=1.0)).eval()
+    batch = make_batch([(3, 4, 0), (1, 6, 0)])
+    with torch.no_grad():
+        ref = model.forward_infer(**inputs(batch))
+        model.method.ratio_bias.copy_(torch.tensor([3.0, -2.0, 7.0]))
+        biased = model.forward_infer(**inputs(batch))
+    assert torch.equal(ref.hidden, biased.hidden)
+    for a, b in zip(ref.kept_patches, biased.kept_patches):
+        assert torch.equal(a, b)
+
+
+def test_closed_loop_reaches_targets():
+    """Stepping the controller with the kept ratios it causes drives them to the targets, from a bias
+    that starts by keeping almost every token."""
+    torch.manual_seed(0)
+    model = make_model(make_method(ratio_control=2.0)).train()
+    model.method.ratio_bias.fill_(4.0)
+    batch = make_batch([(3, 4, 2), (1, 6, 3), (2, 5, 2), (4, 3, 1)] * 2)
+    targets = torch.tensor([0.5, 0.3, 0.1])
+    history = []
+    for _ in range(80):
+        with torch.no_grad():
+            out = model.forward_train(**inputs(batch), labels=batch["labels"], tau=1.0)
+        model.method.control_ratios(out.kept.mean(0), targets)
+        history.append(out.kept.mean(0))
+    late = torch.stack(history[-40:]).mean(0)
+    assert torch.allclose(late, targets, atol=0.03), late
+    assert ratio_loss(history[0][None], targets) > 0.1  # started far off: ~0.95 kept at every stage

@@ -14,7 +14,7 @@ import torch
 from lightning_lvp import adapter
 from lightning_lvp.data.datamodule import LlavaDataModule
 from lightning_lvp.data.digits import DigitsConfig
-from lightning_lvp.evaluate import model_inputs
+from lightning_lvp.eval.teacher_forced import model_inputs
 from lightning_lvp.model import PrunedLlava
 from lightning_lvp.state import causal_mask
 from lightning_lvp.teacher import predicting_positions

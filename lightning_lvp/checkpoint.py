@@ -6,9 +6,10 @@
   whose temporary file lives in ``$TMPDIR``; when that is another filesystem (``/dev/shm``, a local
   disk under a network home) the final step is a copy, and a kill during it left ``last.ckpt`` empty or
   truncated with the previous good copy gone.
-* :class:`AtomicCheckpointIO`: Lightning's ``TorchCheckpointIO`` with that writer, and with loading errors
-  that name the file (a truncated zip gave "PytorchStreamReader failed reading zip archive", a cut
-  pickle a bare ``EOFError``). :class:`~lightning_lvp.lit_module.LVPModule` installs it in ``setup``.
+* :func:`load_checkpoint_file`: ``torch.load`` with errors that name the file (a truncated zip gave
+  "PytorchStreamReader failed reading zip archive", a cut pickle a bare ``EOFError``). Lightning's side,
+  :class:`~lightning_lvp.training.checkpoint_io.AtomicCheckpointIO` (that writer and that reader as a
+  ``CheckpointIO`` plugin), lives in the training package: this module does not import Lightning.
 * :func:`find_last_checkpoint`: what ``fit --ckpt_path last`` resumes (Lightning alone looks in the NEW
   run's folder, finds nothing and silently trains from scratch).
 """
@@ -25,7 +26,6 @@ from typing import IO, Any
 
 import numpy as np
 import torch
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 
 @contextlib.contextmanager
@@ -124,24 +124,13 @@ def load_checkpoint_file(
     return checkpoint
 
 
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """``TorchCheckpointIO`` that writes with :func:`atomic_write` and names the file in loading errors."""
+def __getattr__(name: str) -> Any:
+    """``lightning_lvp.checkpoint.AtomicCheckpointIO`` (its old path) without importing Lightning here."""
+    if name == "AtomicCheckpointIO":
+        from lightning_lvp.training.checkpoint_io import AtomicCheckpointIO
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        if storage_options is not None:
-            raise TypeError(f"{type(self).__name__} does not take storage_options, got {storage_options!r}")
-        if "://" in str(path):  # remote storage: fsspec's own transaction
-            return super().save_checkpoint(checkpoint, path)
-        with atomic_write(path, "wb") as f:
-            torch.save(checkpoint, f)
-        return None
-
-    def load_checkpoint(
-        self, path: Any, map_location: Any = lambda storage, loc: storage, weights_only: bool | None = None
-    ) -> dict[str, Any]:
-        if "://" in str(path):
-            return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
-        return load_checkpoint_file(path, weights_only=bool(weights_only), map_location=map_location)
+        return AtomicCheckpointIO
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _version_number(folder: Path) -> int:

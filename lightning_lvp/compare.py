@@ -1,7 +1,7 @@
 """LVPruning against the training-free baselines on one validation set: accuracy, TFLOPs, kept tokens.
 
 ``python -m lightning_lvp compare --model MODEL --pruners PRUNERS --out DIR [--data CONFIG.yaml]``
-evaluates (teacher-forced, :func:`~lightning_lvp.evaluate.evaluate_schedule`, token-removing path):
+evaluates (teacher-forced, :func:`~lightning_lvp.eval.teacher_forced.evaluate_schedule`, token-removing path):
 
 * the unpruned model;
 * LVPruning at rho 0.6 / 0.5 / 0.45 (schedules [rho, rho - 0.2, rho - 0.4, ...], METHOD §2);
@@ -38,11 +38,17 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 from lightning_lvp import adapter
 from lightning_lvp.checkpoint import atomic_save_figure, atomic_write, atomic_write_text
-from lightning_lvp.evaluate import RELEVANCE_KEYS, evaluate_schedule, model_inputs, relevance_columns, relevance_metrics
+from lightning_lvp.eval.plots import accuracy_vs_tflops
+from lightning_lvp.eval.teacher_forced import (
+    RELEVANCE_KEYS,
+    evaluate_schedule,
+    model_inputs,
+    relevance_columns,
+    relevance_metrics,
+)
 from lightning_lvp.methods import ClsKneePruning, FastV, PruningMethod, RandomPruning, UniformPruning
 from lightning_lvp.methods.peers import PAPER_TOKENS, peer_entries
 from lightning_lvp.model import PrunedLlava
-from lightning_lvp.plots import accuracy_vs_tflops
 from lightning_lvp.schedules import PAPER_RHOS, paper_schedule, parse_rhos
 
 log = logging.getLogger(__name__)
@@ -288,7 +294,7 @@ BASELINE_MARKERS = {
 
 
 def plot_accuracy_vs_tflops(rows: Sequence[dict[str, Any]], path: Path) -> None:
-    """Accuracy (%) against TFLOPs per sample; the LVPruning points joined by a line (:mod:`lightning_lvp.plots`)."""
+    """Accuracy (%) against TFLOPs per sample; the LVPruning points joined by a line (:mod:`lightning_lvp.eval.plots`)."""
     fig = accuracy_vs_tflops(
         rows,
         on_line=lambda r: r["name"].startswith("lvp_"),

@@ -33,7 +33,7 @@ import yaml
 
 from lightning_lvp import adapter
 from lightning_lvp.decision import DecisionModule
-from lightning_lvp.evaluate import model_inputs, relevant_kept_fraction
+from lightning_lvp.eval.teacher_forced import model_inputs, relevant_kept_fraction
 from lightning_lvp.methods.base import keep_counts, topk_keep
 from lightning_lvp.model import PrunedLlava
 from lightning_lvp.state import SeqState, causal_mask, gather_rows, pack_index
@@ -142,7 +142,7 @@ def topk_recall(scores: torch.Tensor, tokens: Tokens, k: int) -> tuple[torch.Ten
 
     Returns:
         (B,) fraction of each sample's relevant patches among its top k (NaN without relevant patches;
-        see :func:`~lightning_lvp.evaluate.relevant_kept_fraction`) and (B,) bool, all of them in the top k.
+        see :func:`~lightning_lvp.eval.teacher_forced.relevant_kept_fraction`) and (B,) bool, all of them in the top k.
     """
     counts = torch.full((scores.shape[0],), k, dtype=torch.long, device=scores.device)
     top = topk_keep(scores, tokens.vision_valid, counts)

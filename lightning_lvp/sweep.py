@@ -3,7 +3,7 @@
 Evaluates a list or range of inference schedules on the config's validation data with the
 token-REMOVING inference path and writes, per schedule, the accuracy, TFLOPs (token-removing
 forward of one validation sample), mean kept vision tokens per stage and latency (and, on data with
-relevant patches, ``relevant_kept/<stage>`` and ``kept_overlap/<stage>``: :mod:`lightning_lvp.evaluate`), as
+relevant patches, ``relevant_kept/<stage>`` and ``kept_overlap/<stage>``: :mod:`lightning_lvp.eval.teacher_forced`), as
 ``results.csv`` / ``results.json``, ``acc_vs_tflops.png`` and TensorBoard scalars in ``--out``.
 
 Resumable: schedules already in ``results.json`` are skipped (and listed at WARNING). Rows measured
@@ -27,12 +27,17 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from lightning_lvp.callbacks import count_schedule_flops
 from lightning_lvp.checkpoint import atomic_save_figure, atomic_write, atomic_write_text
-from lightning_lvp.evaluate import evaluate_schedule, per_stage_text, relevance_columns, relevance_metrics
+from lightning_lvp.eval.plots import accuracy_vs_tflops
+from lightning_lvp.eval.teacher_forced import (
+    count_schedule_flops,
+    evaluate_schedule,
+    per_stage_text,
+    relevance_columns,
+    relevance_metrics,
+)
 from lightning_lvp.io import instantiate, load_method  # noqa: F401  (load_method: old import path)
 from lightning_lvp.model import PrunedLlava
-from lightning_lvp.plots import accuracy_vs_tflops
 from lightning_lvp.schedules import MIN_RATIO, PAPER_STEP, paper_schedules, parse_rhos, parse_schedules
 
 log = logging.getLogger(__name__)

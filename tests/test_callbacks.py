@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from lightning_lvp.callbacks import format_sweep, gather_relevance
-from lightning_lvp.evaluate import RelevanceStats
+from lightning_lvp.eval.teacher_forced import RelevanceStats
+from lightning_lvp.training.callbacks import format_sweep, gather_relevance
 
 ROWS = [
     {"schedule": "base", "ratios": None, "accuracy": 0.99, "tflops": 2e-4},

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_lvp.curriculum import TokenDropCurriculum, drop_vision_tokens, original_position_ids
+from lightning_lvp.training.curriculum import TokenDropCurriculum, drop_vision_tokens, original_position_ids
 
 
 def _batch(left_pad: bool = False) -> dict:

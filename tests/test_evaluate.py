@@ -7,7 +7,7 @@ import pytest
 import torch
 from core_fixtures import IMG, N_VIS, make_batch, make_method, make_model
 
-from lightning_lvp.evaluate import (
+from lightning_lvp.eval.teacher_forced import (
     RelevanceStats,
     evaluate_schedule,
     jaccard,

@@ -49,7 +49,7 @@ def test_paper_config_builds_on_a_tiny_32_layer_llava(path, tmp_path):
     assert opt.class_path == "torch.optim.AdamW" and opt.init_args.lr == 2e-6 and opt.init_args.weight_decay == 0.0
     assert margs.warmup_ratio == 0.03 and margs.lr_schedule == "cosine" and margs.gradient_checkpointing
     assert cfg.trainer.gradient_clip_val == 1.0 and cfg.trainer.precision == "bf16-mixed"
-    from lightning_lvp.lit_module import LVPModule
+    from lightning_lvp.training.module import LVPModule
 
     module = LVPModule(
         model_path=str(tmp_path),

@@ -1,10 +1,10 @@
-"""Exact values of the training schedules in lightning_lvp/lit_module.py: LR multiplier and Gumbel temperature."""
+"""Exact values of the training schedules in lightning_lvp/training/module.py: LR multiplier and Gumbel temperature."""
 
 from types import SimpleNamespace
 
 import pytest
 
-from lightning_lvp.lit_module import LVPModule, warmup_cosine
+from lightning_lvp.training.module import LVPModule, warmup_cosine
 
 
 def test_warmup_is_linear_then_cosine_to_zero():

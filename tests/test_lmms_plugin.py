@@ -25,7 +25,7 @@ from lightning_lvp.eval.lmms_plugin import (
     shard,
 )
 from lightning_lvp.eval.runner import PrunedGenerator
-from lightning_lvp.evaluate import model_inputs
+from lightning_lvp.eval.teacher_forced import model_inputs
 from lightning_lvp.generation import DecodedStopStrings, PrunedCache
 
 QUESTIONS = ["Is there a 7 in the image?", "What digit is in r2c2?", "How many 3s are in row 1?"]

@@ -1,9 +1,9 @@
-"""lightning_lvp/plots.py: one accuracy-vs-TFLOPs figure, no pyplot state, no backend chosen at import."""
+"""lightning_lvp/eval/plots.py: one accuracy-vs-TFLOPs figure, no pyplot state, no backend chosen at import."""
 
 import subprocess
 import sys
 
-from lightning_lvp.plots import accuracy_vs_tflops, save_png
+from lightning_lvp.eval.plots import accuracy_vs_tflops, save_png
 
 ROWS = [
     {"name": "base", "ratios": None, "tflops": 2.0, "accuracy": 0.9},
@@ -27,7 +27,7 @@ def test_line_joins_the_chosen_rows_in_tflops_order_and_markers_get_legend_entri
 
 
 def test_plots_module_needs_no_pyplot():
-    code = "import sys, lightning_lvp.plots; assert 'matplotlib.pyplot' not in sys.modules"
+    code = "import sys, lightning_lvp.eval.plots; assert 'matplotlib.pyplot' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -246,7 +246,7 @@ def test_tokenizer_without_pad_or_image_token_is_an_error_naming_the_folder(tmp_
 def test_step_based_progress_bar_counts_steps():
     import lightning as L
 
-    from lightning_lvp.progress import StepProgressBar
+    from lightning_lvp.training.progress import StepProgressBar
 
     bar = StepProgressBar()
     trainer = L.Trainer(max_steps=300, logger=False, enable_checkpointing=False, callbacks=[bar])

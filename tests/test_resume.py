@@ -19,13 +19,13 @@ import yaml
 from cli_fixtures import tiny_model_folder
 
 from lightning_lvp.checkpoint import (
-    AtomicCheckpointIO,
     CheckpointReadError,
     atomic_write,
     atomic_write_text,
     load_checkpoint_file,
 )
 from lightning_lvp.cli import main, run_lightning_cli
+from lightning_lvp.training.checkpoint_io import AtomicCheckpointIO
 
 REPO = Path(__file__).resolve().parents[1]
 

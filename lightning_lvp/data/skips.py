@@ -11,7 +11,7 @@ were loaded) and
   killed run loses none) and prints the file's path;
 * prints one summary line at the end of fit.
 
-:class:`~lightning_lvp.lit_module.LVPModule` adds it to every fit (``configure_callbacks``).
+:class:`~lightning_lvp.training.module.LVPModule` adds it to every fit (``configure_callbacks``).
 """
 
 from __future__ import annotations

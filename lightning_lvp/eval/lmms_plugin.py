@@ -48,7 +48,7 @@ from lightning_lvp.data.llava_dataset import (
     processor_input_side,
     resize_then_pad,
 )
-from lightning_lvp.evaluate import model_inputs
+from lightning_lvp.eval.teacher_forced import model_inputs
 from lightning_lvp.generation import DecodedStopStrings
 from lightning_lvp.schedules import paper_schedule, parse_schedule
 

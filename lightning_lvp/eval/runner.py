@@ -22,7 +22,7 @@ from lightning_lvp.data.collate import LlavaCollator
 from lightning_lvp.data.llava_dataset import LlavaDataset, Skipped
 from lightning_lvp.eval.benchmarks import PromptItem, generate_answers, load_questions, write_answers_jsonl
 from lightning_lvp.eval.scorers import score_benchmark
-from lightning_lvp.evaluate import model_inputs
+from lightning_lvp.eval.teacher_forced import model_inputs
 from lightning_lvp.model import PrunedLlava
 
 log = logging.getLogger(__name__)

@@ -15,13 +15,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torchmetrics.functional.classification import (
-    binary_accuracy,
-    binary_f1_score,
-    binary_precision,
-    binary_recall,
-    binary_stat_scores,
-)
 
 from lightning_lvp.eval.benchmarks import (
     VQA_BENCHMARKS,
@@ -144,6 +137,15 @@ def pope_metrics(preds: Sequence[int], labels: Sequence[int]) -> dict[str, float
     if not preds:
         nan = math.nan
         return dict(accuracy=nan, precision=nan, recall=nan, f1=nan, yes_ratio=nan, tp=0, fp=0, tn=0, fn=0, n=0)
+    # imported here: torchmetrics imports matplotlib.pyplot at import, which importing eval must not do
+    from torchmetrics.functional.classification import (
+        binary_accuracy,
+        binary_f1_score,
+        binary_precision,
+        binary_recall,
+        binary_stat_scores,
+    )
+
     p = torch.tensor(list(preds), dtype=torch.long)
     t = torch.tensor(list(labels), dtype=torch.long)
     tp, fp, tn, fn, _ = binary_stat_scores(p, t).tolist()

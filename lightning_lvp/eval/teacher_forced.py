@@ -231,6 +231,30 @@ def update_relevance(stats: RelevanceStats, batch: Mapping[str, Any], kept_patch
     stats.update(kept_patches, relevant, images, question_keys(batch) if images is not None else None)
 
 
+def schedule_name(ratios: list[float] | None) -> str:
+    """``base`` for the unpruned model, else ``rho<first ratio>`` (``rho0.5`` for [0.5, 0.3, 0.1])."""
+    return "base" if ratios is None else f"rho{ratios[0]:g}"
+
+
+@torch.no_grad()
+def count_schedule_flops(model, batch: dict[str, Any], ratios: list[float] | None) -> float:
+    """FLOPs of the token-removing forward (+ next-token head) for the FIRST sample of ``batch``.
+
+    ``ratios=None`` counts the unpruned model (no decision modules run).
+    """
+    from lightning_lvp.flops import count_forward
+
+    one = {k: v[:1] for k, v in model_inputs(batch, next(model.parameters()).device).items()}
+    method = model.method
+    try:
+        if ratios is None:
+            model.method = None
+        counts, _ = count_forward(model, one, ratios)
+    finally:
+        model.method = method
+    return float(counts["total"])
+
+
 def evaluate_schedule(
     model: PrunedLlava,
     loader: Iterable[dict[str, Any]],

@@ -12,43 +12,21 @@ import torch
 from matplotlib.figure import Figure
 from torchmetrics import MeanMetric
 
-from lightning_lvp.evaluate import (
+from lightning_lvp.eval.plots import accuracy_vs_tflops
+from lightning_lvp.eval.teacher_forced import (  # noqa: F401  (count_schedule_flops, schedule_name: old import path)
     RelevanceStats,
+    count_schedule_flops,
     model_inputs,
     per_stage_text,
     relevance_metrics,
+    schedule_name,
     score_batch,
     stage_name,
     update_relevance,
 )
-from lightning_lvp.plots import accuracy_vs_tflops
 from lightning_lvp.schedules import PAPER_RHOS, paper_schedule, paper_schedules  # noqa: F401  (old import path)
 
 log = logging.getLogger(__name__)
-
-
-def schedule_name(ratios: list[float] | None) -> str:
-    """``base`` for the unpruned model, else ``rho<first ratio>`` (``rho0.5`` for [0.5, 0.3, 0.1])."""
-    return "base" if ratios is None else f"rho{ratios[0]:g}"
-
-
-@torch.no_grad()
-def count_schedule_flops(model, batch: dict[str, Any], ratios: list[float] | None) -> float:
-    """FLOPs of the token-removing forward (+ next-token head) for the FIRST sample of ``batch``.
-
-    ``ratios=None`` counts the unpruned model (no decision modules run).
-    """
-    from lightning_lvp.flops import count_forward
-
-    one = {k: v[:1] for k, v in model_inputs(batch, next(model.parameters()).device).items()}
-    method = model.method
-    try:
-        if ratios is None:
-            model.method = None
-        counts, _ = count_forward(model, one, ratios)
-    finally:
-        model.method = method
-    return float(counts["total"])
 
 
 class RatioSweep(L.Callback):
@@ -57,7 +35,7 @@ class RatioSweep(L.Callback):
     Logs ``val/acc@<name>`` and ``val/tflops@<name>`` per schedule, a metric-vs-TFLOPs figure to
     TensorBoard, writes ``sweep.json`` into the log folder and prints the table when fit ends. On data
     with relevant patches it also logs, per pruned schedule and stage, ``val/relevant_kept/<stage>@<name>``
-    and ``val/kept_overlap/<stage>@<name>`` (:class:`lightning_lvp.evaluate.RelevanceStats`; absent
+    and ``val/kept_overlap/<stage>@<name>`` (:class:`lightning_lvp.eval.teacher_forced.RelevanceStats`; absent
     otherwise), gathered over all ranks.
 
     Args:

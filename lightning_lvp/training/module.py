@@ -12,13 +12,13 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 
 from lightning_lvp import adapter
-from lightning_lvp.training.curriculum import TokenDropCurriculum
 from lightning_lvp.decision import ratio_loss
-from lightning_lvp.evaluate import model_inputs, per_sample_exact_match, stage_name
+from lightning_lvp.eval.teacher_forced import model_inputs, per_sample_exact_match, stage_name
 from lightning_lvp.io import method_spec
 from lightning_lvp.methods.base import PruningMethod
 from lightning_lvp.model import PrunedLlava
 from lightning_lvp.teacher import answer_attention, distillation_loss
+from lightning_lvp.training.curriculum import TokenDropCurriculum
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -270,11 +270,11 @@ class LVPModule(L.LightningModule):
     # ------------------------------------------------------------------- run set-up and resume state
     def setup(self, stage: str) -> None:
         """Checkpoints are written atomically (a kill during a save never destroys ``last.ckpt``) and an
-        unreadable one fails naming the file: :class:`~lightning_lvp.checkpoint.AtomicCheckpointIO`
+        unreadable one fails naming the file: :class:`~lightning_lvp.training.checkpoint_io.AtomicCheckpointIO`
         replaces the strategy's default ``TorchCheckpointIO`` (a plugin the user chose is kept)."""
         from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-        from lightning_lvp.checkpoint import AtomicCheckpointIO
+        from lightning_lvp.training.checkpoint_io import AtomicCheckpointIO
 
         strategy = self.trainer.strategy
         if type(getattr(strategy, "checkpoint_io", None)) is TorchCheckpointIO:
@@ -286,7 +286,7 @@ class LVPModule(L.LightningModule):
         from lightning.pytorch.callbacks import RichProgressBar
 
         from lightning_lvp.data.skips import SkipReport
-        from lightning_lvp.progress import StepProgressBar, step_based
+        from lightning_lvp.training.progress import StepProgressBar, step_based
 
         callbacks: list[L.Callback] = [SkipReport()]
         bar = self.trainer.progress_bar_callback
@@ -336,7 +336,11 @@ class LVPModule(L.LightningModule):
         if self.curriculum is not None:
             checkpoint["curriculum"] = self.curriculum.state_dict()
         if self.method is not None:  # what `export` needs to rebuild the pruners from any checkpoint
-            checkpoint["lvp_method"] = {"spec": method_spec(self.method), "dims": vars(self.method.dims)}
+            checkpoint["lvp_method"] = {
+                "spec": method_spec(self.method),
+                "dims": vars(self.method.dims),
+                "family": getattr(self.method, "family", None),  # the base's model family (#14)
+            }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.curriculum is not None and "curriculum" in checkpoint:

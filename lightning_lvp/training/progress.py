@@ -3,7 +3,7 @@
 Lightning's ``RichProgressBar`` labels its bar ``Epoch {e}/{max_epochs - 1}``, which reads ``Epoch 0/-2``
 when ``max_epochs`` is -1 (step-based training, as the demo), and counts the batches of the epoch.
 :class:`StepProgressBar` shows ``Step (epoch e)`` with ``global_step / max_steps`` instead;
-:class:`~lightning_lvp.lit_module.LVPModule` swaps it in for a default rich bar of a step-based run.
+:class:`~lightning_lvp.training.module.LVPModule` swaps it in for a default rich bar of a step-based run.
 """
 
 from __future__ import annotations

@@ -1,0 +1,43 @@
+"""Old module path of :mod:`lightning_lvp.eval.teacher_forced` (kept for user code)."""
+
+from lightning_lvp.eval.teacher_forced import (
+    BATCH_KEYS,
+    RELEVANCE_KEYS,
+    RelevanceStats,
+    count_schedule_flops,
+    evaluate_schedule,
+    jaccard,
+    model_inputs,
+    patch_relevance,
+    per_sample_exact_match,
+    per_stage_text,
+    question_keys,
+    relevance_columns,
+    relevance_metrics,
+    relevant_kept_fraction,
+    schedule_name,
+    score_batch,
+    stage_name,
+    update_relevance,
+)
+
+__all__ = [
+    "BATCH_KEYS",
+    "RELEVANCE_KEYS",
+    "RelevanceStats",
+    "count_schedule_flops",
+    "evaluate_schedule",
+    "jaccard",
+    "model_inputs",
+    "patch_relevance",
+    "per_sample_exact_match",
+    "per_stage_text",
+    "question_keys",
+    "relevance_columns",
+    "relevance_metrics",
+    "relevant_kept_fraction",
+    "schedule_name",
+    "score_batch",
+    "stage_name",
+    "update_relevance",
+]

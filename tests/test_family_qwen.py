@@ -11,8 +11,10 @@ import pytest
 import torch
 from qwen_fixtures import IMG, build, hf_inputs, make_batch, sample_of
 
-from lightning_lvp.families import qwen2_5_vl as qwen
-from lightning_lvp.state import causal_mask
+from lightning_lvp.families.qwen2_5_vl import Qwen2_5_VLFamily
+from lightning_lvp.state import causal_mask, gather_rows, pack_index
+
+qwen = Qwen2_5_VLFamily()
 
 # 8x8 patches = 16 tokens in 4 windows; 6x8 = 12 tokens; 4x4 = 4 tokens in one window
 SPECS = [(3, [(8, 8)], 5, 0), (1, [(6, 8)], 2, 0), (2, [(4, 4)], 4, 0)]
@@ -34,7 +36,7 @@ def loop(model, embeds, valid, pos, cache=None, mask=None):
     pos_emb = qwen.rotary(model, embeds, pos)
     hidden = embeds
     for i in range(model.config.text_config.num_hidden_layers):
-        hidden = qwen.run_layer(model, i, hidden, mask, pos_emb, cache)
+        hidden = qwen.run_layer(model, i, hidden, mask, pos, pos_emb, cache)
     return qwen.final_norm(model, hidden)
 
 
@@ -42,7 +44,8 @@ def loop(model, embeds, valid, pos, cache=None, mask=None):
 @pytest.mark.parametrize("padding", ["left", "right"])
 def test_merge_and_loop_equal_hf_forward_logits(model, padding):
     b = make_batch(SPECS, padding=padding, seed=1)
-    embeds, vision, feats = qwen.merge_image_features(model, b["input_ids"], b["pixel_values"], b["image_grid_thw"])
+    merged = qwen.merge(model, b["input_ids"], b["pixel_values"], image_grid_thw=b["image_grid_thw"])
+    embeds, vision, feats = merged.embeds, merged.vision, merged.features.embeds
     assert torch.equal(vision, b["input_ids"] == IMG)
     assert [f.shape[0] for f in feats] == [16, 12, 4]
     pos, _ = qwen.rope_positions(model, b["input_ids"], b["attention_mask"], b["image_grid_thw"])
@@ -83,12 +86,11 @@ def test_rope_positions_follow_the_grid(model):
 def test_removed_vision_tokens_keep_original_positions(model, batch):
     """Dropping vision tokens from the embeddings at their ORIGINAL (t, h, w) == HF's text model given the same."""
     ids, am, grid = batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"]
-    embeds, vision, _ = qwen.merge_image_features(model, ids, batch["pixel_values"], grid)
+    merged = qwen.merge(model, ids, batch["pixel_values"], image_grid_thw=grid)
+    embeds, vision = merged.embeds, merged.vision
     pos, _ = qwen.rope_positions(model, ids, am, grid)
     g = torch.Generator().manual_seed(0)
     keep = am.bool() & ~(vision & (torch.rand(ids.shape, generator=g) < 0.6))
-    from lightning_lvp.state import gather_rows, pack_index
-
     index, valid = pack_index(keep)
     e, p = gather_rows(embeds, index), gather_rows(pos, index)
     ours = loop(model, e, valid, p)
@@ -112,17 +114,15 @@ def test_token_count_mismatch_names_the_sample(model, batch):
     ids = batch["input_ids"].clone()
     ids[1, -1] = IMG
     with pytest.raises(ValueError, match="sample 1 has 13 image tokens"):
-        qwen.merge_image_features(model, ids, batch["pixel_values"], batch["image_grid_thw"])
+        qwen.merge(model, ids, batch["pixel_values"], image_grid_thw=batch["image_grid_thw"])
 
 
 def _prefill_and_decode(model, batch, keep, steps):
     """Greedy decoding with a KV cache over the kept slots (original positions), decode positions text + delta."""
     from transformers import DynamicCache
 
-    from lightning_lvp.state import gather_rows, pack_index
-
     ids, am, grid = batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"]
-    embeds, _, _ = qwen.merge_image_features(model, ids, batch["pixel_values"], grid)
+    embeds = qwen.merge(model, ids, batch["pixel_values"], image_grid_thw=grid).embeds
     pos, delta = qwen.rope_positions(model, ids, am, grid)  # delta from the UNPRUNED prompt
     index, valid = pack_index(keep & am.bool())
     cache = DynamicCache(config=model.config)
@@ -136,7 +136,7 @@ def _prefill_and_decode(model, batch, keep, steps):
             model,
             qwen.embed_tokens(model, out[-1][:, None]),
             valid,
-            qwen.decode_positions(text_pos, delta),
+            qwen.decode_position_ids(model, text_pos, {"rope_deltas": delta}),
             cache,
             mask=causal_mask(valid, 1),
         )
@@ -154,18 +154,16 @@ def test_cached_decode_with_rope_deltas_equals_hf_generate(model, batch):
 @torch.no_grad()
 def test_pruned_decode_positions_continue_as_unpruned(model, batch):
     """Vision tokens removed from the prefix: cached greedy == recomputing prefix + tokens at the ORIGINAL positions."""
-    from lightning_lvp.state import gather_rows, pack_index
-
     ids, am, grid = batch["input_ids"], batch["attention_mask"], batch["image_grid_thw"]
     vision = ids == IMG
     keep = am.bool() & ~(vision & (torch.rand(ids.shape, generator=torch.Generator().manual_seed(1)) < 0.5))
     gen = _prefill_and_decode(model, batch, keep, steps=5)
-    embeds, _, _ = qwen.merge_image_features(model, ids, batch["pixel_values"], grid)
+    embeds = qwen.merge(model, ids, batch["pixel_values"], image_grid_thw=grid).embeds
     pos, delta = qwen.rope_positions(model, ids, am, grid)
     n = am.sum(1, keepdim=True)
     for step in range(gen.shape[1]):
         new = gen[:, :step]
-        new_pos = qwen.decode_positions(n + torch.arange(step)[None], delta)  # (B, step, 3)
+        new_pos = qwen.decode_position_ids(model, n + torch.arange(step)[None], {"rope_deltas": delta})  # (B, step, 3)
         e = torch.cat([embeds, qwen.embed_tokens(model, new)], 1)
         p = torch.cat([pos, new_pos], 1)
         k = torch.cat([keep & am.bool(), keep.new_ones(keep.shape[0], step)], 1)

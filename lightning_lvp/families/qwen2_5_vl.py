@@ -28,7 +28,8 @@ import copy
 import torch
 from torch import nn
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb, repeat_kv
+
+from lightning_lvp.families.base import ImageFeatures, MergedInputs, VisionDims, VLMFamily
 
 MODEL_TYPE = "qwen2_5_vl"
 
@@ -113,7 +114,6 @@ def pixel_row_width(config: Qwen2_5_VLConfig) -> int:
     return vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
 
 
-# --------------------------------------------------------------------------------- image features
 def tokens_per_image(config: Qwen2_5_VLConfig, image_grid_thw: torch.Tensor) -> list[int]:
     """LLM tokens of each image: t * h * w / merge^2 (``Qwen2_5_VLProcessor.replace_image_token``).
 
@@ -124,33 +124,17 @@ def tokens_per_image(config: Qwen2_5_VLConfig, image_grid_thw: torch.Tensor) -> 
     return (image_grid_thw.prod(-1) // merge**2).tolist()
 
 
-def patches_per_image(image_grid_thw: torch.Tensor) -> list[int]:
-    """Rows of ``pixel_values`` of each image: t * h * w."""
-    return image_grid_thw.prod(-1).tolist()
-
-
-def image_features(
-    model: Qwen2_5_VLForConditionalGeneration, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor
-) -> list[torch.Tensor]:
-    """The windowed vision encoder + 2x2 merger, untouched: one (N_i, D) tensor per image.
-
-    Args:
-        pixel_values: (sum_i t_i h_i w_i, C * T_p * p * p) flat patches of all images, image by image.
-        image_grid_thw: (n_images, 3).
-    """
-    out = model.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
-    return list(out.pooler_output)  # a tuple split per image (``get_image_features``)
-
-
-def images_per_sample(model, input_ids: torch.Tensor, image_grid_thw: torch.Tensor) -> list[list[int]]:
-    """Which images (indices into ``image_grid_thw``) each sample's image-token runs take, in order.
+def images_per_sample(
+    config: Qwen2_5_VLConfig, input_ids: torch.Tensor, image_grid_thw: torch.Tensor
+) -> list[list[int]]:
+    """Which images (rows of ``image_grid_thw``) each sample's image tokens take, in order.
 
     Raises:
-        ValueError: naming the sample, if its image-token count does not match its images, or the
-            batch has more / fewer images than placeholders.
+        ValueError: naming the sample, if its image-token count does not match whole images, or the
+            batch has more images than placeholders.
     """
-    counts = tokens_per_image(model.config, image_grid_thw)
-    per_sample = (input_ids == model.config.image_token_id).sum(1).tolist()
+    counts = tokens_per_image(config, image_grid_thw)
+    per_sample = (input_ids == config.image_token_id).sum(1).tolist()
     result, nxt = [], 0
     for b, want in enumerate(per_sample):
         mine, have = [], 0
@@ -158,10 +142,12 @@ def images_per_sample(model, input_ids: torch.Tensor, image_grid_thw: torch.Tens
             mine.append(nxt)
             have += counts[nxt]
             nxt += 1
+        if want == 0:
+            raise ValueError(f"sample {b} has no image token ({config.image_token_id}) in input_ids")
         if have != want:
             raise ValueError(
-                f"sample {b} has {want} image tokens ({model.config.image_token_id}) but its images "
-                f"{mine} give {have} features (image_grid_thw {image_grid_thw[mine].tolist()})"
+                f"sample {b} has {want} image tokens ({config.image_token_id}) but its images {mine} give {have} "
+                f"features (image_grid_thw {image_grid_thw[mine].tolist()}: t * h * w / 4 tokens each)"
             )
         result.append(mine)
     if nxt != len(counts):
@@ -169,165 +155,158 @@ def images_per_sample(model, input_ids: torch.Tensor, image_grid_thw: torch.Tens
     return result
 
 
-def merge_image_features(
-    model: Qwen2_5_VLForConditionalGeneration,
-    input_ids: torch.Tensor,
-    pixel_values: torch.Tensor,
-    image_grid_thw: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """Input embeddings with the image features scattered into the image-token positions.
-
-    The embedding step of ``Qwen2_5_VLModel.forward`` with a per-sample check.
-
-    Returns:
-        inputs_embeds (B, T, D), vision_mask (B, T) bool, the per-image features.
-    """
+def check_inputs(config: Qwen2_5_VLConfig, input_ids, pixel_values, image_grid_thw) -> None:
+    """Clear errors for wrong ranks / a patch count that does not match ``image_grid_thw``."""
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
+    if image_grid_thw is None:
+        raise ValueError("Qwen2.5-VL needs image_grid_thw (n_images, 3) from its image processor")
     if image_grid_thw.dim() != 2 or image_grid_thw.shape[1] != 3:
         raise ValueError(f"image_grid_thw must be (n_images, 3), got shape {tuple(image_grid_thw.shape)}")
-    rows = sum(patches_per_image(image_grid_thw))
+    rows = int(image_grid_thw.prod(-1).sum())
     if pixel_values.dim() != 2 or pixel_values.shape[0] != rows:
         raise ValueError(
-            f"pixel_values must be flat patches ({rows}, {pixel_row_width(model.config)}) for image_grid_thw "
+            f"pixel_values must be flat patches ({rows}, {pixel_row_width(config)}) for image_grid_thw "
             f"{image_grid_thw.tolist()}, got shape {tuple(pixel_values.shape)}"
         )
-    images_per_sample(model, input_ids, image_grid_thw)  # raises, naming the sample
-    vision_mask = input_ids == model.config.image_token_id
-    feats = image_features(model, pixel_values, image_grid_thw)
-    embeds = embed_tokens(model, input_ids)
-    flat = torch.cat(feats, 0).to(embeds.dtype)
-    return embeds.masked_scatter(vision_mask.unsqueeze(-1), flat), vision_mask, feats
 
 
-# -------------------------------------------------------------------------------------- positions
-def rope_positions(
-    model: Qwen2_5_VLForConditionalGeneration,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    image_grid_thw: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """HF's own 3-D M-RoPE positions of the UNPRUNED prompt and its ``rope_deltas``.
+class Qwen2_5_VLFamily(VLMFamily):
+    """Qwen2.5-VL: ``Qwen2_5_VLForConditionalGeneration`` (model_type ``qwen2_5_vl``).
 
-    Args:
-        input_ids, attention_mask: (B, T); padding (either side) gets position 0.
-
-    Returns:
-        position_ids (B, T, 3) (t, h, w) per token, rope_deltas (B, 1): decode token k after a prompt of
-        n real tokens sits at n + k + rope_delta in all three components.
+    Extra image input: ``image_grid_thw`` (n_images, 3); ``pixel_values`` are the processor's flat
+    patches of all images of the batch, sample by sample. Several images in one sample work: their
+    tokens form one pool per sample (ratios are fractions of the sample's total).
     """
-    token_type = (input_ids == model.config.image_token_id).int()  # mm_token_type_ids: 1 = image
-    pos, deltas = model.model.get_rope_index(input_ids, token_type, image_grid_thw, attention_mask=attention_mask)
-    return pos.permute(1, 2, 0).contiguous(), deltas  # (3, B, T) -> (B, T, 3)
+
+    name = "qwen2_5_vl"
+    model_types = (MODEL_TYPE,)
+    architectures = ("Qwen2_5_VLForConditionalGeneration",)
+    image_input_names = ("image_grid_thw",)
+
+    @property
+    def model_class(self) -> type:
+        return Qwen2_5_VLForConditionalGeneration
+
+    def vision_dims(self, config) -> VisionDims:
+        """Dynamic resolution: no fixed count (:func:`tokens_per_image` of each image's grid)."""
+        raise ValueError(
+            "Qwen2.5-VL has dynamic resolution: the vision-token count depends on each image's size "
+            "(t * h * w / 4 of its image_grid_thw, lightning_lvp.families.qwen2_5_vl.tokens_per_image)"
+        )
+
+    # ------------------------------------------------------------------------------ image side
+    def image_features(self, model, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> list[torch.Tensor]:
+        """The windowed vision encoder + 2x2 merger, untouched: one (N_i, D) tensor per image."""
+        out = model.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
+        return list(out.pooler_output)  # split per image by ``get_image_features``
+
+    def merge(self, model, input_ids, pixel_values, structure: str = "keep", **image_inputs) -> MergedInputs:
+        """Embedding step of ``Qwen2_5_VLModel.forward`` with a per-sample check.
+
+        Args:
+            input_ids: (B, T); each sample's ``<|image_pad|>`` runs take the next images in order.
+            pixel_values: (sum_i t_i h_i w_i, C * T_p * p * p) flat patches.
+            image_grid_thw: (n_images, 3) (in ``image_inputs``).
+
+        Returns:
+            :class:`MergedInputs` without ``position_ids`` (they need the attention mask:
+            :meth:`position_ids`).
+        """
+        grid = image_inputs.pop("image_grid_thw", None)
+        self.check_image_inputs(image_inputs)
+        if structure != "keep":
+            raise ValueError(
+                f"Qwen2.5-VL has no structure tokens among its image tokens: structure must be 'keep', got {structure!r}"
+            )
+        check_inputs(model.config, input_ids, pixel_values, grid)
+        images_per_sample(model.config, input_ids, grid)  # raises, naming the sample
+        vision = input_ids == self.image_token_id(model)
+        feats = self.image_features(model, pixel_values, grid)
+        embeds = self.embed_tokens(model, input_ids)
+        embeds = embeds.masked_scatter(vision.unsqueeze(-1), torch.cat(feats, 0).to(embeds.dtype))
+        features = ImageFeatures(embeds=feats, vision_hidden=None)  # no CLS: see patch_cls_similarity
+        return MergedInputs(embeds, vision, torch.zeros_like(vision), features, decode_state={"image_grid_thw": grid})
+
+    def expand_image_inputs(self, model, input_ids, image_inputs: dict, expand_size: int) -> dict:
+        """Each sample's images (patch rows and grid rows) repeated ``expand_size`` times, sample by sample."""
+        pix, grid = image_inputs["pixel_values"], image_inputs["image_grid_thw"]
+        starts = [0, *grid.prod(-1).cumsum(0).tolist()]
+        pix_out, grid_out = [], []
+        for images in images_per_sample(model.config, input_ids, grid):
+            rows = torch.arange(starts[images[0]], starts[images[-1] + 1], device=pix.device)
+            pix_out += [pix[rows]] * expand_size
+            grid_out += [grid[images]] * expand_size
+        return {**image_inputs, "pixel_values": torch.cat(pix_out), "image_grid_thw": torch.cat(grid_out)}
+
+    def patch_cls_similarity(self, features: ImageFeatures) -> torch.Tensor:
+        raise ValueError(NO_CLS)
+
+    def vision_cls_attention(self, model, features: ImageFeatures):
+        raise ValueError(NO_CLS)
+
+    def project_vision(self, model, vision_states: torch.Tensor) -> torch.Tensor:
+        raise ValueError("Qwen2.5-VL's merger maps 2 x 2 patch groups, not single tower states: no per-token projector")
+
+    # ------------------------------------------------------------------------------- positions
+    def rope_positions(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_grid_thw):
+        """HF's own 3-D M-RoPE positions of the UNPRUNED prompt and its ``rope_deltas``.
+
+        Returns:
+            position_ids (B, T, 3) (t, h, w) per token (padding: 0), rope_deltas (B, 1): decoded token
+            k after a prompt of n real tokens sits at n + k + rope_delta in all three components.
+        """
+        token_type = (input_ids == model.config.image_token_id).int()  # mm_token_type_ids: 1 = image
+        pos, deltas = model.model.get_rope_index(input_ids, token_type, image_grid_thw, attention_mask=attention_mask)
+        return pos.permute(1, 2, 0).contiguous(), deltas  # (3, B, T) -> (B, T, 3)
+
+    def position_ids(self, model, input_ids, attention_mask, merged: MergedInputs) -> torch.Tensor:
+        """(B, T, 3) original positions; records ``rope_deltas`` in ``merged.decode_state`` for decoding."""
+        grid = merged.decode_state.pop("image_grid_thw")  # decode_state keeps batch-first tensors only (beams)
+        pos, deltas = self.rope_positions(model, input_ids, attention_mask, grid)
+        merged.decode_state["rope_deltas"] = deltas
+        return pos
+
+    def decode_position_ids(self, model, position_ids: torch.Tensor, decode_state: dict) -> torch.Tensor:
+        """generate()'s (B, 1) ``cumsum(mask) - 1`` -> (B, 1, 3): ``text + rope_deltas`` in t, h and w.
+
+        As ``Qwen2_5_VLForConditionalGeneration._prepare_position_ids_for_generation``; the deltas come
+        from the UNPRUNED prompt, so decoding continues exactly as the unpruned model's.
+        """
+        deltas = decode_state["rope_deltas"].to(position_ids.device)
+        return (position_ids + deltas)[..., None].expand(-1, -1, 3)
+
+    def rotary(self, model, hidden: torch.Tensor, position_ids: torch.Tensor):
+        """(cos, sin), each (B, L, head_dim), of the ORIGINAL (t, h, w) positions ``position_ids`` (B, L, 3).
+
+        ``Qwen2_5_VLRotaryEmbedding`` takes (3, B, L) and interleaves the t/h/w frequency sections
+        (``mrope_section``); the result has Llama's layout, so the default ``apply_rotary`` holds.
+        """
+        if position_ids.dim() != 3 or position_ids.shape[-1] != 3:
+            raise ValueError(f"Qwen2.5-VL needs (batch, seq_len, 3) M-RoPE positions, got {tuple(position_ids.shape)}")
+        return self.language_model(model).rotary_emb(hidden, position_ids.permute(2, 0, 1))
+
+    def run_layer(self, model, index, hidden, mask, position_ids, position_embeddings, cache=None, keep=None):
+        """One ``Qwen2_5_VLDecoderLayer`` as ``Qwen2_5_VLTextModel.forward`` calls it: ``position_ids=None``
+        for unpacked 3-D positions (only flash-attention reads them; the rotary is in ``position_embeddings``)."""
+        return super().run_layer(model, index, hidden, mask, None, position_embeddings, cache, keep)
+
+    def component_modules(self, model) -> dict[str, nn.Module]:
+        """FLOPs parts: the vision blocks, the 2x2 merger (Qwen's projector), the LLM, the LM head.
+
+        The patch embedding (one Conv3d, ~1 % of the tower) is outside every part: FLOPs counters file it
+        under the remainder.
+        """
+        visual = model.model.visual
+        return {
+            "vision_tower": visual.blocks,
+            "projector": visual.merger,
+            "llm": self.language_model(model),
+            "lm_head": model.lm_head,
+        }
 
 
-def decode_positions(text_positions: torch.Tensor, rope_deltas: torch.Tensor) -> torch.Tensor:
-    """(B, 1) 1-D positions ``cumsum(mask) - 1`` of decoded tokens -> (B, 1, 3) M-RoPE positions.
-
-    ``Qwen2_5_VLForConditionalGeneration._prepare_position_ids_for_generation``: ``text + rope_deltas``,
-    equal in t, h and w.
-    """
-    return (text_positions + rope_deltas.to(text_positions.device))[..., None].expand(-1, -1, 3)
-
-
-def _lm(model: Qwen2_5_VLForConditionalGeneration) -> nn.Module:
-    return model.model.language_model
-
-
-def embed_tokens(model: Qwen2_5_VLForConditionalGeneration, input_ids: torch.Tensor) -> torch.Tensor:
-    """(B, T) ids -> (B, T, D)."""
-    return _lm(model).embed_tokens(input_ids)
-
-
-def decoder_layers(model: Qwen2_5_VLForConditionalGeneration) -> nn.ModuleList:
-    return _lm(model).layers
-
-
-def rotary(model: Qwen2_5_VLForConditionalGeneration, hidden: torch.Tensor, position_ids: torch.Tensor):
-    """(cos, sin), each (B, L, head_dim), of the ORIGINAL (t, h, w) positions ``position_ids`` (B, L, 3).
-
-    ``Qwen2_5_VLRotaryEmbedding`` takes (3, B, L) and interleaves the t/h/w frequency sections
-    (``mrope_section``); the result has Llama's shape, so ``apply_rotary_pos_emb`` is unchanged.
-    """
-    if position_ids.dim() != 3 or position_ids.shape[-1] != 3:
-        raise ValueError(f"Qwen2.5-VL needs (batch, seq_len, 3) M-RoPE positions, got {tuple(position_ids.shape)}")
-    return _lm(model).rotary_emb(hidden, position_ids.permute(2, 0, 1))
-
-
-def run_layer(
-    model: Qwen2_5_VLForConditionalGeneration,
-    index: int,
-    hidden: torch.Tensor,
-    mask: torch.Tensor | None,
-    position_embeddings: tuple[torch.Tensor, torch.Tensor],
-    cache=None,
-    **attention_kwargs,
-) -> torch.Tensor:
-    """One ``Qwen2_5_VLDecoderLayer`` (as ``Qwen2_5_VLTextModel.forward`` calls it).
-
-    ``position_ids`` is None as in HF's loop for unpacked 3-D positions (only flash-attention reads it).
-
-    Args:
-        hidden: (B, L, D); mask: (B, 1, Lq, Lk) bool or None (SDPA's causal path / every key).
-        position_embeddings: :func:`rotary` of the slots' original positions.
-        attention_kwargs: reach the registered attention function (the masked training path's keep).
-    """
-    return decoder_layers(model)[index](
-        hidden,
-        attention_mask=mask,
-        position_ids=None,
-        cache=cache,
-        use_cache=cache is not None,
-        position_embeddings=position_embeddings,
-        **attention_kwargs,
-    )
-
-
-def final_norm(model: Qwen2_5_VLForConditionalGeneration, hidden: torch.Tensor) -> torch.Tensor:
-    return _lm(model).norm(hidden)
-
-
-def lm_head(model: Qwen2_5_VLForConditionalGeneration) -> nn.Linear:
-    return model.lm_head
-
-
-def attention_probs(
-    model: Qwen2_5_VLForConditionalGeneration,
-    index: int,
-    layer_input: torch.Tensor,
-    position_embeddings: tuple[torch.Tensor, torch.Tensor],
-    query_index: torch.Tensor,
-    mask: torch.Tensor,
-) -> torch.Tensor:
-    """(B, H, L) softmax attention of one query per sample in layer ``index`` (FastV), from its input.
-
-    Qwen's q/k projections carry a bias (``Qwen2_5_VLAttention``); the M-RoPE tables are already
-    recomposed to Llama's layout by :func:`rotary`.
-    """
-    attn = decoder_layers(model)[index].self_attn
-    b, length, _ = layer_input.shape
-    normed = decoder_layers(model)[index].input_layernorm(layer_input)
-    rows = torch.arange(b, device=layer_input.device)
-    q = attn.q_proj(normed[rows, query_index])[:, None].view(b, 1, -1, attn.head_dim).transpose(1, 2)
-    k = attn.k_proj(normed).view(b, length, -1, attn.head_dim).transpose(1, 2)
-    cos, sin = position_embeddings
-    q, _ = apply_rotary_pos_emb(q, q, cos[rows, query_index][:, None], sin[rows, query_index][:, None])
-    _, k = apply_rotary_pos_emb(k, k, cos, sin)
-    k = repeat_kv(k, attn.num_key_value_groups)
-    scores = (q @ k.transpose(-1, -2)).squeeze(2) * attn.scaling  # (B, H, L)
-    scores = scores.masked_fill(~mask[rows, 0, query_index][:, None, :], float("-inf"))
-    return scores.softmax(-1)
-
-
-def vision_cls_attention(*_args, **_kwargs):
-    """Qwen2.5-VL's vision encoder has no CLS token: CLS-based rankings (CLS-knee, VisionZip) refuse it."""
-    raise ValueError(
-        "Qwen2.5-VL's vision encoder has no CLS token: CLS-knee / VisionZip (CLS attention or similarity) "
-        "cannot run on it; use LVPruning, FastV, random or uniform"
-    )
-
-
-def component_modules(model: Qwen2_5_VLForConditionalGeneration) -> dict[str, nn.Module]:
-    """Top-level parts for FLOPs attribution (the merger counts as the projector)."""
-    visual = model.model.visual
-    return {"vision_tower": visual, "projector": visual.merger, "llm": _lm(model), "lm_head": model.lm_head}
+NO_CLS = (
+    "Qwen2.5-VL's vision encoder has no CLS token: CLS-knee and VisionZip (CLS similarity / attention) cannot "
+    "run on it; use LVPruning, FastV, random or uniform"
+)

@@ -68,6 +68,7 @@ def export_pruners(ckpt_path: str | Path, out: str | Path, overwrite: bool = Fal
         raise ValueError(f"{ckpt_path}: {e}") from None
     method = instantiate(spec)
     method.bind(dims)
+    method.family = checkpoint["lvp_method"].get("family")  # checkpoints before #14 have none
     method.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in weights.items()})
     return save_pruners(method, out, overwrite=overwrite)
 

@@ -1,19 +1,19 @@
 """transformers' own ``generate()`` on the pruned model (issue #13).
 
-:class:`PrunedForGeneration` is a thin ``GenerationMixin`` model around a :class:`PrunedLlava`: its
-prefill is the token-removing :meth:`PrunedLlava.forward_infer` and its cache a
+:class:`PrunedForGeneration` is a thin ``GenerationMixin`` model around a :class:`PrunedVLM`: its
+prefill is the token-removing :meth:`PrunedVLM.forward_infer` and its cache a
 :class:`PrunedCache`, a ``DynamicCache`` whose layers hold the PRUNED keys/values (layers after a
 pruning point hold fewer) plus the valid-key mask of every stage. Everything else -- greedy,
 sampling, beam search (``Cache.reorder_cache``), logits processors (repetition penalty, ...),
 stopping criteria and stop strings, streamers, several eos ids, ``num_return_sequences``,
 ``GenerationConfig`` -- is transformers' unchanged ``GenerationMixin.generate``.
 
-This module is the transformers-generation glue (tested on 5.23-5.24, see ``adapter.TESTED_TRANSFORMERS``):
+This module is the transformers-generation glue (tested on 5.23-5.24, see ``families.base.TESTED_TRANSFORMERS``):
 it relies on ``generate`` (1) calling ``forward(input_ids, cache=, position_ids=, attention_mask=,
 use_cache=, **model_kwargs)`` once for the prefill with the whole prompt and then with the last
 token, (2) reading ``outputs.logits[:, -1]`` and ``outputs.cache``, (3) calling
 ``cache.reorder_cache(beam_idx)`` for beam search. Decoder layers are still only reached through
-:mod:`lightning_lvp.adapter`.
+the model's family (:mod:`lightning_lvp.families`).
 
 Options the pruned cache cannot honour raise :class:`UnsupportedGenerationOption` naming them.
 """
@@ -27,9 +27,9 @@ import torch
 from transformers import DynamicCache, GenerationConfig, StoppingCriteria
 from transformers.generation.utils import GenerationMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.models.llava.modeling_llava import LlavaPreTrainedModel
+from transformers.modeling_utils import PreTrainedModel
 
-from lightning_lvp import adapter
+from lightning_lvp.families.base import cache_lengths
 from lightning_lvp.state import causal_mask
 
 
@@ -94,6 +94,7 @@ class PrunedCache(DynamicCache):
         self.stage_valid: list[torch.Tensor] = []
         self.layer_stage: list[int] = []
         self.seen_tokens = 0
+        self.decode_state: dict = {}  # the family's position state for decoding (e.g. Qwen's rope deltas)
 
     def set_layout(self, stage_valid: Sequence[torch.Tensor], layer_stage: Sequence[int], seen_tokens: int) -> None:
         """Records the prefill's layout (``InferOutput.stage_valid`` / ``layer_stage``)."""
@@ -113,7 +114,7 @@ class PrunedCache(DynamicCache):
         return [None if bool(v.all()) else causal_mask(v, 1) for v in self.stage_valid]
 
     def layer_lengths(self) -> list[int]:
-        return adapter.cache_lengths(self)
+        return cache_lengths(self)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens
@@ -125,14 +126,21 @@ class PrunedCache(DynamicCache):
         """Beam search: the keys AND the valid masks follow the surviving beams."""
         super().reorder_cache(beam_idx)
         self._index_layout(lambda v: v.index_select(0, beam_idx.to(v.device)))
+        self._index_decode_state(lambda v: v.index_select(0, beam_idx.to(v.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
         self._index_layout(lambda v: v.repeat_interleave(repeats, dim=0))
+        self._index_decode_state(lambda v: v.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
         self._index_layout(lambda v: v[indices])
+        self._index_decode_state(lambda v: v[indices])
+
+    def _index_decode_state(self, fn) -> None:
+        """Per-row tensors of ``decode_state`` (batch first) follow the rows of the cache."""
+        self.decode_state = {k: fn(v) if torch.is_tensor(v) else v for k, v in self.decode_state.items()}
 
     def crop(self, tokens_to_remove: int) -> None:
         raise UnsupportedGenerationOption(
@@ -140,8 +148,8 @@ class PrunedCache(DynamicCache):
         )
 
 
-class PrunedForGeneration(LlavaPreTrainedModel, GenerationMixin):
-    """``GenerationMixin`` model over a :class:`~lightning_lvp.model.PrunedLlava` (no weights of its own).
+class PrunedForGeneration(PreTrainedModel, GenerationMixin):
+    """``GenerationMixin`` model over a :class:`~lightning_lvp.model.PrunedVLM` (no weights of its own).
 
     Args:
         pruned: the pruned model; its LLaVA's ``generation_config`` is the default here.
@@ -150,7 +158,8 @@ class PrunedForGeneration(LlavaPreTrainedModel, GenerationMixin):
 
     ``generate`` takes ``input_ids``, ``pixel_values``, ``attention_mask`` (LEFT padding) and
     optionally ``prompt_mask`` (text tokens the pruner may use as keys; default: every text token
-    of the prompt) and ``ratios``, plus every standard generation option.
+    of the prompt) and ``ratios``, the family's extra image inputs (LLaVA-NeXT: ``image_sizes``),
+    plus every standard generation option.
     """
 
     main_input_name = "input_ids"
@@ -173,8 +182,23 @@ class PrunedForGeneration(LlavaPreTrainedModel, GenerationMixin):
             ids = inputs if inputs is not None else kwargs.get("input_ids")
             mask = kwargs.get("attention_mask")
             valid = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
-            kwargs["prompt_mask"] = valid & (ids != adapter.image_token_id(self.pruned.llava))
+            kwargs["prompt_mask"] = valid & (ids != self.pruned.family.image_token_id(self.pruned.llava))
         return super().generate(inputs, generation_config, **kwargs)
+
+    def _expand_inputs_for_generation(self, expand_size: int = 1, is_encoder_decoder=False, input_ids=None, **kw):
+        """Beams / ``num_return_sequences``: the image inputs are expanded by the family (Qwen's flat patches
+        are not batch-first: HF's row-wise ``repeat_interleave`` would scramble them)."""
+        names = ("pixel_values", *self.pruned.family.image_input_names)
+        images = {k: kw.pop(k) for k in names if kw.get(k) is not None}
+        if expand_size > 1 and images:
+            images = self.pruned.family.expand_image_inputs(self.pruned.llava, input_ids, images, expand_size)
+        input_ids, kw = super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids, **kw)
+        return input_ids, {**kw, **images}
+
+    def _validate_model_kwargs(self, model_kwargs: dict) -> None:
+        """HF's typo check, minus the family's extra image inputs (they reach :meth:`forward` via ``**kwargs``)."""
+        names = self.pruned.family.image_input_names
+        super()._validate_model_kwargs({k: v for k, v in model_kwargs.items() if k not in names})
 
     def _prepare_cache_for_generation(
         self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
@@ -231,8 +255,16 @@ class PrunedForGeneration(LlavaPreTrainedModel, GenerationMixin):
         if prompt_mask is not None and prompt_mask.shape[1] < input_ids.shape[1]:  # recomputation: later tokens
             prompt_mask = torch.nn.functional.pad(prompt_mask.bool(), (0, input_ids.shape[1] - prompt_mask.shape[1]))
         ratios = self.ratios if ratios is None else ratios
+        image_inputs = {k: kwargs[k] for k in self.pruned.family.image_input_names if k in kwargs}
         out = self.pruned.forward_infer(
-            input_ids, pixel_values, attention_mask, prompt_mask, ratios, use_cache=cache is not None, cache=cache
+            input_ids,
+            pixel_values,
+            attention_mask,
+            prompt_mask,
+            ratios,
+            use_cache=cache is not None,
+            cache=cache,
+            **image_inputs,
         )
         if cache is not None:
             cache.set_layout(out.stage_valid, out.layer_stage, input_ids.shape[1])
@@ -240,16 +272,16 @@ class PrunedForGeneration(LlavaPreTrainedModel, GenerationMixin):
 
     def _decode_step(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None, cache: PrunedCache):
         """(B, 1) tokens at their original positions through every layer's pruned cache -> (B, 1, V) logits."""
-        llava = self.pruned.llava
+        llava, family = self.pruned.llava, self.pruned.family
         if position_ids is None:
             raise ValueError("decoding needs position_ids (generate builds them from the attention mask)")
-        pos = position_ids[:, -1:]
+        pos = family.decode_position_ids(llava, position_ids[:, -1:], cache.decode_state)
         cache.append_tokens(1)
         masks = cache.decode_masks()
-        hidden = adapter.embed_tokens(llava, input_ids)
-        pos_emb = adapter.rotary(llava, hidden, pos)
+        hidden = family.embed_tokens(llava, input_ids)
+        pos_emb = family.rotary(llava, hidden, pos)
         for i, stage in enumerate(cache.layer_stage):
-            hidden = adapter.run_layer(llava, i, hidden, masks[stage], pos, pos_emb, cache)
+            hidden = family.run_layer(llava, i, hidden, masks[stage], pos, pos_emb, cache)
         return self.pruned.logits(hidden)
 
 
@@ -263,7 +295,7 @@ def generation_config_for(
     eos_token_id: int | list[int] | None,
     pad_token_id: int,
 ) -> GenerationConfig:
-    """The ``GenerationConfig`` equivalent to :meth:`PrunedLlava.generate`'s arguments.
+    """The ``GenerationConfig`` equivalent to :meth:`PrunedVLM.generate`'s arguments.
 
     A negative ``eos_token_id`` (the old loop's "never stop") disables eos.
     """

@@ -1,8 +1,9 @@
 """Saving and loading pruning methods on their own: ``pruners.safetensors`` + ``pruners.json``.
 
 The JSON holds what is needed to rebuild the method (``class_path`` and ``init_args``) and the
-LLM dimensions it was built for; loading onto a LLaVA of another hidden size or depth fails with
-a message naming both. Both files are written atomically (temporary file in the folder + rename);
+LLM dimensions and the model family (``"llava"``, ``"llava_next"``, ...) it was built for; loading onto a
+model of another family, hidden size or depth fails with a message naming both (folders written
+before the family entry existed are not family-checked). Both files are written atomically (temporary file in the folder + rename);
 a folder without the weights of a method that has parameters, or a truncated file, is an error
 naming the file (never randomly initialised modules evaluated as if trained).
 """
@@ -19,8 +20,8 @@ from typing import Any
 import torch
 from safetensors.torch import load, save
 
-from lightning_lvp.adapter import TextDims
 from lightning_lvp.checkpoint import atomic_write, atomic_write_text
+from lightning_lvp.families.base import TextDims
 from lightning_lvp.methods.base import PruningMethod
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ def save_pruners(method: PruningMethod, folder: str | Path, overwrite: bool = Fa
         "format_version": FORMAT_VERSION,
         "method": method_spec(method),
         "dims": vars(method.dims),
+        "family": getattr(method, "family", None),  # the base's family (PrunedVLM sets it when binding)
         "after_layers": method.after_layers,
         "keep_ratios": method.keep_ratios,
         "num_parameters": sum(t.numel() for t in tensors.values()),
@@ -134,13 +136,27 @@ def pruners_fingerprint(folder: str | Path) -> str:
     return digest.hexdigest()
 
 
-def load_pruners(folder: str | Path, dims: TextDims, device: str | torch.device = "cpu") -> PruningMethod:
+def check_family(source: str | Path, saved: str | None, family: str | None) -> None:
+    """An error when pruners trained on one model family are loaded on another (None = unknown, not checked)."""
+    if saved and family and saved != family:
+        raise ValueError(
+            f"pruners in {source} were trained on a {saved!r} model, but this model is a {family!r} model: "
+            "pruners do not transfer between model families (train or export pruners for this family)"
+        )
+
+
+def load_pruners(
+    folder: str | Path, dims: TextDims, device: str | torch.device = "cpu", family: str | None = None
+) -> PruningMethod:
     """Rebuilds a method from ``folder`` for an LLM with ``dims``.
+
+    Args:
+        family: the base model's family name (``VLMFamily.name``); None = not checked.
 
     Raises:
         FileNotFoundError: no ``pruners.json`` in the folder, or no ``pruners.safetensors`` for a method
             that has parameters (a trainable method would otherwise run with random weights).
-        ValueError: a truncated or foreign file (named), or pruners built for another hidden size or depth.
+        ValueError: a truncated or foreign file (named), or pruners built for another family, hidden size or depth.
     """
     folder = Path(folder)
     if not (folder / META).exists():
@@ -153,6 +169,7 @@ def load_pruners(folder: str | Path, dims: TextDims, device: str | torch.device 
         raise ValueError(
             f"{folder / META} is truncated or not written by save_pruners / export ({type(e).__name__}: {e})"
         ) from None
+    check_family(folder, meta.get("family"), family)
     for name in ("hidden_size", "num_layers"):
         if getattr(saved, name) != getattr(dims, name):
             raise ValueError(
@@ -161,6 +178,7 @@ def load_pruners(folder: str | Path, dims: TextDims, device: str | torch.device 
             )
     method = instantiate(spec)
     method.bind(dims)
+    method.family = meta.get("family") or family
     expected = method.state_dict()
     if not (folder / WEIGHTS).exists():
         if expected or method.trainable:
@@ -183,14 +201,17 @@ def load_pruners(folder: str | Path, dims: TextDims, device: str | torch.device 
     return method.to(device)
 
 
-def load_method(path: str | Path, dims: TextDims, device: str | torch.device = "cpu") -> PruningMethod:
+def load_method(
+    path: str | Path, dims: TextDims, device: str | torch.device = "cpu", family: str | None = None
+) -> PruningMethod:
     """Pruners from an exported folder (``pruners.json``), any training checkpoint, or a peer spec.
 
     A peer spec names a training-free method and its arguments, e.g. ``"visionzip"`` or
     ``"dart:k=2,keep_ratio=0.222"`` (:func:`lightning_lvp.methods.peers.build_peer`).
 
     A Lightning ``.ckpt`` file or a DeepSpeed folder is first exported to a temporary folder
-    (:func:`lightning_lvp.export.export_pruners`), then loaded like an exported one.
+    (:func:`lightning_lvp.export.export_pruners`), then loaded like an exported one. ``family``: the base
+    model's family name, checked against the one the pruners were saved for (None = not checked).
     """
     import tempfile
 
@@ -202,9 +223,12 @@ def load_method(path: str | Path, dims: TextDims, device: str | torch.device = "
         return method.to(device)
     path = Path(path)
     if path.is_dir() and (path / META).exists():
-        return load_pruners(path, dims, device)
+        return load_pruners(path, dims, device, family)
     from lightning_lvp.export import export_pruners
 
     with tempfile.TemporaryDirectory() as tmp:
         export_pruners(path, tmp)
-        return load_pruners(tmp, dims, device)
+        try:
+            return load_pruners(tmp, dims, device, family)
+        except ValueError as e:  # name the checkpoint, not the temporary folder
+            raise ValueError(str(e).replace(tmp, str(path))) from None

@@ -1,14 +1,16 @@
-"""PrunedLlava: a frozen LLaVA plus a token-pruning method. Pure PyTorch (no Lightning).
+"""PrunedVLM: a frozen vision-language model plus a token-pruning method. Pure PyTorch (no Lightning).
 
-Two forwards share one decoder loop over the adapter:
+Family-agnostic: every access to the HF model goes through its family object
+(:func:`lightning_lvp.families.family_for`, chosen from the model's config; docs/FAMILIES.md).
+``PrunedLlava`` is the old name of the same class. Two forwards share one decoder loop:
 
-* :meth:`PrunedLlava.forward_train` keeps every token and applies the decisions as the eq. 7-9
+* :meth:`PrunedVLM.forward_train` keeps every token and applies the decisions as the eq. 7-9
   attention mask in every layer after a module (fixed shapes, differentiable, METHOD §3).
-* :meth:`PrunedLlava.forward_infer` physically removes tokens at each pruning point (one gather per
+* :meth:`PrunedVLM.forward_infer` physically removes tokens at each pruning point (one gather per
   stage) from the hidden states, the mask, the rotary positions and hence the KV cache of all
   later layers; kept tokens keep their original positions (METHOD §4).
 
-:meth:`PrunedLlava.generate` decodes with the pruned per-layer KV cache through transformers' own
+:meth:`PrunedVLM.generate` decodes with the pruned per-layer KV cache through transformers' own
 ``generate()`` (:mod:`lightning_lvp.generation`).
 """
 
@@ -21,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_lvp import adapter
+from lightning_lvp.families import family_for, load_model
 from lightning_lvp.methods.base import PruningMethod, StageContext
-from lightning_lvp.state import SeqState, causal_mask, positions_from_mask
+from lightning_lvp.state import SeqState, causal_mask
 
 
 @dataclass
@@ -71,13 +73,18 @@ class InferOutput:
     layer_stage: list[int] = field(default_factory=list)
 
 
-class PrunedLlava(nn.Module):
-    """A frozen ``LlavaForConditionalGeneration`` with a :class:`PruningMethod`.
+class PrunedVLM(nn.Module):
+    """A frozen HF vision-language model of any supported family with a :class:`PruningMethod`.
 
     Args:
-        llava: the base model; all its parameters are frozen and it stays in eval mode.
+        llava: the base model (``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration``,
+            ...); all its parameters are frozen and it stays in eval mode. Its family is read from its config.
         method: pruning method (None = the unmodified model).
         gradient_checkpointing: recompute decoder layers in backward (training path).
+        structure: policy for image-placeholder tokens that are not image patches (LLaVA-NeXT's
+            ``image_newline`` row ends): "keep" = kept as structure (never pruned, not counted in
+            the vision tokens the ratios refer to, not pruner keys), "prune" = vision tokens like the
+            patches. Families without such tokens accept only "keep" (docs/FAMILIES.md).
     """
 
     def __init__(
@@ -86,18 +93,29 @@ class PrunedLlava(nn.Module):
         method: PruningMethod | None = None,
         gradient_checkpointing: bool = False,
         frozen: bool = True,
+        structure: str = "keep",
     ):
         super().__init__()
         self.frozen = frozen
-        self.llava = adapter.prepare_frozen(llava)
+        self.family = family_for(llava)
+        if structure not in ("keep", "prune"):
+            raise ValueError(f"structure must be 'keep' or 'prune', got {structure!r}")
+        self.structure = structure
+        self.llava = self.family.prepare_frozen(llava)
         if not frozen:  # only for training a (tiny) base model from scratch, never with LVPruning
             self.llava.requires_grad_(True)
-        self.dims = adapter.text_dims(llava.config)
+        self.dims = self.family.text_dims(llava.config)
         self.method = method
         if method is not None:
+            from lightning_lvp.io import check_family
+
+            check_family(f"the {type(method).__name__} given", getattr(method, "family", None), self.family.name)
             method.bind(self.dims)
+            method.family = self.family.name
         self.gradient_checkpointing = gradient_checkpointing
-        self._checkpoint = adapter.set_gradient_checkpointing_fn()
+        from lightning_lvp.families.base import set_gradient_checkpointing_fn
+
+        self._checkpoint = set_gradient_checkpointing_fn()
 
     @classmethod
     def from_pretrained(
@@ -106,29 +124,34 @@ class PrunedLlava(nn.Module):
         pruners: str | None = None,
         dtype: torch.dtype | str = torch.float32,
         device: str | torch.device | None = None,
-    ) -> PrunedLlava:
-        """The one loader of every command and plugin: a llava-hf model plus optional pruners, in eval mode.
+        structure: str = "keep",
+    ) -> PrunedVLM:
+        """The one loader of every command and plugin: a model of any supported family plus optional pruners.
 
         Args:
-            model_path: llava-hf folder (``save_pretrained``) or hub id.
+            model_path: model folder (``save_pretrained``) or hub id; the family is read from its config.
             pruners: exported pruner folder or a training checkpoint (``.ckpt`` / DeepSpeed folder);
                 None = the unpruned model.
             dtype: parameter dtype of the base model (``torch.bfloat16`` or ``"bfloat16"``).
             device: device of the base model and the pruners (None = CPU).
+            structure: policy for non-patch image tokens (see the class docstring).
         """
         from lightning_lvp.io import load_method
 
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-        llava = adapter.load_llava(model_path, dtype=dtype, device=device)
+        llava = load_model(model_path, dtype=dtype, device=device)
         method = None
         if pruners:
             try:
-                method = load_method(pruners, adapter.text_dims(llava.config), device=device or "cpu")
+                family = family_for(llava)
+                method = load_method(
+                    pruners, family.text_dims(llava.config), device=device or "cpu", family=family.name
+                )
             except ValueError as e:  # name both sides: the base folder and the pruner folder (#11)
                 raise ValueError(f"pruners {pruners} do not fit the base model {model_path}: {e}") from e
-        return cls(llava, method).eval()
+        return cls(llava, method, structure=structure).eval()
 
-    def train(self, mode: bool = True) -> PrunedLlava:
+    def train(self, mode: bool = True) -> PrunedVLM:
         super().train(mode)
         if self.frozen:
             self.llava.eval()  # frozen base: no dropout, ever
@@ -147,18 +170,23 @@ class PrunedLlava(nn.Module):
         attention_mask: torch.Tensor | None = None,
         prompt_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        **image_inputs,
     ) -> tuple[SeqState, torch.Tensor]:
         """Embeds the inputs and builds the input layout; returns it and the vision hidden states.
 
-        ``position_ids`` defaults to ``cumsum(attention_mask) - 1``; pass the original positions when
-        the mask hides tokens inside the sequence (token-drop curriculum).
+        ``position_ids`` defaults to the family's positions (``cumsum(attention_mask) - 1`` for 1-D
+        RoPE); pass the original positions when the mask hides tokens inside the sequence (token-drop
+        curriculum). ``image_inputs``: the family's extra image inputs (LLaVA-NeXT: ``image_sizes``).
         """
-        state, feats = self._initial_state(input_ids, pixel_values, attention_mask, prompt_mask, position_ids)
-        return state, feats.vision_hidden
+        state, merged = self._initial_state(
+            input_ids, pixel_values, attention_mask, prompt_mask, position_ids, image_inputs
+        )
+        return state, merged.features.vision_hidden
 
-    def _initial_state(self, input_ids, pixel_values, attention_mask, prompt_mask, position_ids):
-        """:meth:`initial_state` with all the :class:`~lightning_lvp.adapter.ImageFeatures`."""
-        embeds, vision, feats = adapter.merge_image_features(self.llava, input_ids, pixel_values)
+    def _initial_state(self, input_ids, pixel_values, attention_mask, prompt_mask, position_ids, image_inputs):
+        """:meth:`initial_state` with the family's whole :class:`~lightning_lvp.families.base.MergedInputs`."""
+        merged = self.family.merge(self.llava, input_ids, pixel_values, structure=self.structure, **image_inputs)
+        embeds, vision = merged.embeds, merged.vision
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if attention_mask.shape != input_ids.shape:
@@ -168,11 +196,14 @@ class PrunedLlava(nn.Module):
         valid = attention_mask.bool()
         vision = vision & valid
         text = valid & ~vision
-        key_text = text if prompt_mask is None else (prompt_mask.bool() & text)
+        key_text = text & ~merged.structure  # structure tokens (NeXT's newlines) are never pruner keys
+        key_text = key_text if prompt_mask is None else (prompt_mask.bool() & key_text)
+        if position_ids is None:
+            position_ids = self.family.position_ids(self.llava, input_ids, attention_mask, merged)
         b, t = input_ids.shape
         state = SeqState(
             hidden=embeds,
-            position_ids=positions_from_mask(attention_mask) if position_ids is None else position_ids,
+            position_ids=position_ids,
             valid=valid,
             vision=vision,
             key_text=key_text,
@@ -180,13 +211,13 @@ class PrunedLlava(nn.Module):
             patch_index=torch.where(vision, vision.long().cumsum(1) - 1, -1),
             n_vision=vision.sum(1),
         )
-        return state, feats
+        return state, merged
 
     def _layer(self, i: int, hidden, mask, position_ids, pos_emb, cache=None, keep=None) -> torch.Tensor:
         if self.gradient_checkpointing and torch.is_grad_enabled() and cache is None:
-            fn = lambda h, k: adapter.run_layer(self.llava, i, h, mask, position_ids, pos_emb, None, k)  # noqa: E731
+            fn = lambda h, k: self.family.run_layer(self.llava, i, h, mask, position_ids, pos_emb, None, k)  # noqa: E731
             return self._checkpoint(fn, hidden, keep)
-        return adapter.run_layer(self.llava, i, hidden, mask, position_ids, pos_emb, cache, keep)
+        return self.family.run_layer(self.llava, i, hidden, mask, position_ids, pos_emb, cache, keep)
 
     def label_logits(self, hidden: torch.Tensor, state: SeqState, labels: torch.Tensor):
         """Logits only where the next token is a label (saves the (B, T, V) tensor).
@@ -200,13 +231,13 @@ class PrunedLlava(nn.Module):
         shifted = F.pad(labels[:, 1:], (0, 1), value=-100)  # label of the NEXT original position
         targets = shifted.gather(1, state.orig_index).masked_fill(~state.valid, -100)
         sel = targets != -100
-        h = adapter.final_norm(self.llava, hidden[sel])
-        logits = adapter.lm_head(self.llava)(h)
+        h = self.family.final_norm(self.llava, hidden[sel])
+        logits = self.family.lm_head(self.llava)(h)
         return logits, targets[sel], sel.nonzero()[:, 0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(B, L, V) logits of final hidden states."""
-        return adapter.lm_head(self.llava)(adapter.final_norm(self.llava, hidden))
+        return self.family.lm_head(self.llava)(self.family.final_norm(self.llava, hidden))
 
     # ----------------------------------------------------------------------------- training path
     def forward_train(
@@ -220,6 +251,7 @@ class PrunedLlava(nn.Module):
         decisions: Sequence[torch.Tensor] | None = None,
         position_ids: torch.Tensor | None = None,
         return_scores: bool = False,
+        **image_inputs,
     ) -> TrainOutput:
         """Masked forward of METHOD §3: no token is removed, decisions mask attention (eqs. 7-10).
 
@@ -232,12 +264,16 @@ class PrunedLlava(nn.Module):
                 replaces the Gumbel samples (used to compare with the inference path).
             position_ids: optional original positions (see :meth:`initial_state`).
             return_scores: also return the method's keep scores per stage (``TrainOutput.scores``).
+            **image_inputs: the family's extra image inputs (LLaVA-NeXT: ``image_sizes`` (B, 2)).
         """
-        state, vision_hidden = self.initial_state(input_ids, pixel_values, attention_mask, prompt_mask, position_ids)
+        state, merged = self._initial_state(
+            input_ids, pixel_values, attention_mask, prompt_mask, position_ids, image_inputs
+        )
+        feats = merged.features
         scores = []
         hidden = state.hidden
         mask = causal_mask(state.valid, hidden.shape[1])
-        pos_emb = adapter.rotary(self.llava, hidden, state.position_ids)
+        pos_emb = self.family.rotary(self.llava, hidden, state.position_ids)
         vision_f = state.vision.to(hidden.dtype)
         keep, cumulative, kept, all_decisions = None, None, [], []
         for i in range(-1, self.dims.num_layers):  # i = -1: a pruning point on the LLM input (after_layer 0)
@@ -251,7 +287,8 @@ class PrunedLlava(nn.Module):
                 d = decisions[s].to(hidden.dtype) * vision_f
             else:
                 layer = i if i >= 0 else None
-                ctx = StageContext(s, layer, vision_hidden)
+                ctx = StageContext(s, layer, feats.vision_hidden)
+                ctx.cls_similarity = lambda: self.family.patch_cls_similarity(feats)
                 d = self.method.decide(state, ctx, tau).to(hidden.dtype)
                 if return_scores:
                     scores.append(self.method.scores(state, ctx))
@@ -280,6 +317,7 @@ class PrunedLlava(nn.Module):
         decisions: Sequence[torch.Tensor] | None = None,
         use_cache: bool = False,
         cache: object | None = None,
+        **image_inputs,
     ) -> InferOutput:
         """Token-removing forward (METHOD §4).
 
@@ -290,35 +328,39 @@ class PrunedLlava(nn.Module):
                 instead of the method's choice (counts may differ per sample).
             use_cache: build the per-layer KV cache for :meth:`generate`.
             cache: an empty cache to fill (``generation.PrunedCache``) instead of a new one.
+            **image_inputs: the family's extra image inputs (LLaVA-NeXT: ``image_sizes`` (B, 2)).
         """
-        state, feats = self._initial_state(input_ids, pixel_values, attention_mask, prompt_mask, None)
+        state, merged = self._initial_state(input_ids, pixel_values, attention_mask, prompt_mask, None, image_inputs)
+        feats = merged.features
         vision_hidden = feats.vision_hidden
+        family, llava = self.family, self.llava
         state = state.select(state.valid)  # padding out; rows left-packed
         ratios = self.method.resolve_ratios(ratios) if self.method else []
         if cache is None and use_cache:
-            cache = adapter.new_cache(self.llava)
+            cache = family.new_cache(llava)
+        if cache is not None and hasattr(cache, "decode_state"):
+            cache.decode_state = merged.decode_state  # how decoding continues the positions
         stage_valid, layer_stage, kept_patches = [state.valid], [], []
         n_patches = int(state.n_vision.max())
 
         def layout(st: SeqState):
             """Mask, rotary embeddings, and whether every slot is real (then the layers need no mask)."""
             mask = causal_mask(st.valid, st.valid.shape[1])
-            return mask, adapter.rotary(self.llava, st.hidden, st.position_ids), bool(st.valid.all())
+            return mask, family.rotary(llava, st.hidden, st.position_ids), bool(st.valid.all())
 
         mask, pos_emb, dense = layout(state)
 
         def context(st: SeqState, s: int, i: int | None, layer_input, mask, pos_emb) -> StageContext:
             """What a method may read at stage s (each tensor recomputed lazily, only if asked for)."""
-            ctx = StageContext(s, i, vision_hidden, final_norm=lambda h: adapter.final_norm(self.llava, h))
-            ctx.vision_attention = lambda: adapter.vision_cls_attention(self.llava, feats.vision_input)
-            ctx.project = lambda v: adapter.project_vision(self.llava, v)
+            ctx = StageContext(s, i, vision_hidden, final_norm=lambda h: family.final_norm(llava, h))
+            ctx.vision_attention = lambda: family.vision_cls_attention(llava, feats)
+            ctx.cls_similarity = lambda: family.patch_cls_similarity(feats)
+            ctx.project = lambda v: family.project_vision(llava, v)
             if i is not None:
-                ctx.attention_row = lambda q: adapter.attention_probs(self.llava, i, layer_input, pos_emb, q, mask)
-                ctx.layer_keys = lambda: adapter.layer_keys(self.llava, i, layer_input, pos_emb)
+                ctx.attention_row = lambda q: family.attention_probs(llava, i, layer_input, pos_emb, q, mask)
+                ctx.layer_keys = lambda: family.layer_keys(llava, i, layer_input, pos_emb)
                 if i + 1 < self.dims.num_layers:
-                    ctx.next_attention_row = lambda q: adapter.attention_probs(
-                        self.llava, i + 1, st.hidden, pos_emb, q, mask
-                    )
+                    ctx.next_attention_row = lambda q: family.attention_probs(llava, i + 1, st.hidden, pos_emb, q, mask)
             return ctx
 
         def prune(st: SeqState, s: int, i: int | None, layer_input, mask, pos_emb) -> SeqState:
@@ -390,7 +432,8 @@ class PrunedLlava(nn.Module):
             pad_token_id: filler after a sample's eos (None = the model's).
             generator: RNG of the sampling draws (None = the global RNG).
             **generate_kwargs: any further option of transformers' ``generate`` (num_beams,
-                repetition_penalty, stopping_criteria, streamer, ...).
+                repetition_penalty, stopping_criteria, streamer, ...), and the family's extra image
+                inputs (LLaVA-NeXT: ``image_sizes``).
 
         Returns:
             (B * num_return_sequences, n) new token ids, ``pad_token_id`` after a sample's eos.
@@ -398,8 +441,8 @@ class PrunedLlava(nn.Module):
         from lightning_lvp.generation import _GeneratorAsGlobalRng, generation_config_for
 
         wrapper = self.for_generation(ratios)
-        eos = adapter.eos_token_id(self.llava) if eos_token_id is None else eos_token_id
-        pad = adapter.pad_token_id(self.llava) if pad_token_id is None else pad_token_id
+        eos = self.family.eos_token_id(self.llava) if eos_token_id is None else eos_token_id
+        pad = self.family.pad_token_id(self.llava) if pad_token_id is None else pad_token_id
         cfg = generation_config_for(
             wrapper.generation_config, max_new_tokens, do_sample, temperature, top_k, top_p, eos, pad
         )
@@ -419,3 +462,6 @@ class PrunedLlava(nn.Module):
                 **generate_kwargs,
             )
         return out[:, input_ids.shape[1] :]
+
+
+PrunedLlava = PrunedVLM  # the pre-#14 name (LLaVA-1.5 only then); same class

@@ -10,7 +10,14 @@ import copy
 from dataclasses import asdict, dataclass
 
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+)
 
 
 @dataclass
@@ -105,4 +112,42 @@ def build_tiny_llava(
     config = tiny_llava_config(spec, **overrides)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration._from_config(copy.deepcopy(config), attn_implementation="sdpa", dtype=dtype)
+    return model.eval()
+
+
+def tiny_llava_next_config(
+    spec: TinyLlavaSpec | None = None,
+    grid_pinpoints: list[list[int]] | None = None,
+    **overrides,
+) -> LlavaNextConfig:
+    """A ``LlavaNextConfig`` with the tower / LLM of :func:`tiny_llava_config` and small anyres pinpoints.
+
+    Args:
+        spec: dimensions (``image_size`` is one view's side).
+        grid_pinpoints: (height, width) resolutions of the crop grid; default 1x2, 2x1 and 2x2 views.
+    """
+    base = tiny_llava_config(spec, **overrides)
+    side = base.vision_config.image_size
+    pinpoints = grid_pinpoints or [[side, 2 * side], [2 * side, side], [2 * side, 2 * side]]
+    return LlavaNextConfig(
+        text_config=base.text_config.to_dict(),
+        vision_config=base.vision_config.to_dict(),
+        image_token_index=base.image_token_id,
+        image_grid_pinpoints=pinpoints,
+        vision_feature_layer=base.vision_feature_layer,
+        vision_feature_select_strategy="default",
+        pad_token_id=base.pad_token_id,
+        tie_word_embeddings=False,
+    )
+
+
+def build_tiny_llava_next(
+    spec: TinyLlavaSpec | None = None, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides
+) -> LlavaNextForConditionalGeneration:
+    """A random-weight tiny LLaVA-NeXT in eval mode (deterministic for ``seed``)."""
+    config = tiny_llava_next_config(spec, **overrides)
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration._from_config(
+        copy.deepcopy(config), attn_implementation="sdpa", dtype=dtype
+    )
     return model.eval()

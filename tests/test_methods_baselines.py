@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from lightning_lvp import adapter, attention
+from lightning_lvp.families import base as family_base
+from lightning_lvp.families import family_for
 from lightning_lvp.methods import DART, DivPrune, PyramidDrop, StageContext, VisionZip
 from lightning_lvp.methods.dart import dart_keep, pivot_order
 from lightning_lvp.methods.divprune import max_min_diverse
@@ -175,9 +177,9 @@ def test_dart_runs_on_plain_sdpa_without_any_attention_map(llava, monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("DART must not compute an attention map")
 
-    monkeypatch.setattr(adapter, "attention_probs", forbidden)
+    monkeypatch.setattr(family_for(llava), "attention_probs", forbidden)  # the instance the pruned model calls
     monkeypatch.setattr(attention, "masked_softmax_attention", forbidden)
-    monkeypatch.setattr(adapter, "masked_softmax_attention", forbidden)
+    monkeypatch.setattr(family_base, "masked_softmax_attention", forbidden)
     ids, pixels = prompt()
     model = PrunedLlava(llava, DART(k=2, keep_ratio=0.5, pivot_image=2, pivot_text=2))
     assert llava.config.text_config._attn_implementation == adapter.ATTN_IMPLEMENTATION  # SDPA without lvp_keep
@@ -251,8 +253,8 @@ def test_pdrop_matches_eager_attention_of_the_following_layer(llava):
 
 def test_pdrop_stages_use_the_following_layers(llava, monkeypatch):
     layers = []
-    original = adapter.attention_probs
-    monkeypatch.setattr(adapter, "attention_probs", lambda m, i, *a: (layers.append(i), original(m, i, *a))[1])
+    original = family_for(llava).attention_probs
+    monkeypatch.setattr(family_for(llava), "attention_probs", lambda m, i, *a: (layers.append(i), original(m, i, *a))[1])
     ids, pixels = prompt()
     out = PrunedLlava(llava, PyramidDrop(layers=[1, 2], lam=0.5)).forward_infer(ids, pixels)
     assert layers == [1, 2]  # 0-based: the layer after each boundary

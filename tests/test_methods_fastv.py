@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from lightning_lvp import adapter
+from lightning_lvp.families import family_for
 from lightning_lvp.methods import FastV, StageContext
 from lightning_lvp.methods.fastv import last_prompt_index
 from lightning_lvp.model import PrunedLlava
@@ -93,13 +93,14 @@ def test_fastv_matches_eager_attention_of_layer_k():
 def test_fastv_computes_attention_for_layer_k_only(monkeypatch):
     llava = build_tiny_llava(TinyLlavaSpec(), seed=0)
     layers = []
-    original = adapter.attention_probs
+    family = family_for(llava)
+    original = family.attention_probs
 
     def spy(model, index, *args):
         layers.append(index)
         return original(model, index, *args)
 
-    monkeypatch.setattr(adapter, "attention_probs", spy)
+    monkeypatch.setattr(family, "attention_probs", spy)  # the instance the pruned model calls
     spec = TinyLlavaSpec()
     ids = torch.tensor([[1, 5] + [spec.image_token_id] * spec.num_image_tokens + [7, 8]])
     PrunedLlava(llava, FastV(k=3, keep_ratio=0.5)).forward_infer(ids, torch.randn(1, 3, 16, 16))

@@ -291,19 +291,58 @@ class Qwen2_5_VLFamily(VLMFamily):
         for unpacked 3-D positions (only flash-attention reads them; the rotary is in ``position_embeddings``)."""
         return super().run_layer(model, index, hidden, mask, None, position_embeddings, cache, keep)
 
-    def component_modules(self, model) -> dict[str, nn.Module]:
-        """FLOPs parts: the vision blocks, the 2x2 merger (Qwen's projector), the LLM, the LM head.
+    def dummy_batch(self, config, text_tokens: int = 30, batch_size: int = 1) -> dict[str, torch.Tensor]:
+        """FLOPs input: one 1,024 x 768 px image (999 tokens) + ``text_tokens`` text tokens (:func:`dummy_batch`)."""
+        return dummy_batch(config, text_tokens, batch_size)
 
-        The patch embedding (one Conv3d, ~1 % of the tower) is outside every part: FLOPs counters file it
-        under the remainder.
-        """
+    def component_modules(self, model) -> dict[str, nn.Module]:
+        """FLOPs parts: the vision tower (patch embedding + blocks; the merger inside it counts as the
+        projector, ``flops._component_flops`` keeps nested parts apart), the 2x2 merger, the LLM, the LM head."""
         visual = model.model.visual
         return {
-            "vision_tower": visual.blocks,
+            "vision_tower": visual,
             "projector": visual.merger,
             "llm": self.language_model(model),
             "lm_head": model.lm_head,
         }
+
+
+def smart_resize(
+    height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280
+):
+    """Qwen2-VL's image processor resize (``image_processing_pil_qwen2_vl.smart_resize``, its default pixel bounds)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
+
+    return hf_smart_resize(height, width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+
+
+def image_grid(config: Qwen2_5_VLConfig, height: int, width: int) -> tuple[int, int, int]:
+    """(t, h, w) patch grid of one still image of ``height`` x ``width`` px after the processor's resize.
+
+    1,024 x 768 (width x height) -> 756 x 1,036 px -> (1, 54, 74) patches -> 27 x 37 = 999 LLM tokens.
+    """
+    vc = config.vision_config
+    h, w = smart_resize(height, width, factor=vc.patch_size * vc.spatial_merge_size)
+    return 1, h // vc.patch_size, w // vc.patch_size
+
+
+def dummy_batch(
+    config: Qwen2_5_VLConfig, text_tokens: int = 30, batch_size: int = 1, height: int = 768, width: int = 1024
+) -> dict[str, torch.Tensor]:
+    """``batch_size`` x (one text token, <vision_start>, the image tokens, <vision_end>, the rest of the text).
+
+    Zeros as ``pixel_values`` (FLOPs on the meta device do not depend on them).
+    """
+    if text_tokens < 3:
+        raise ValueError(f"text_tokens must be >= 3 (a text key plus <vision_start> / <vision_end>), got {text_tokens}")
+    grid = torch.tensor([image_grid(config, height, width)] * batch_size)
+    n_vision = tokens_per_image(config, grid[:1])[0]
+    text = [1] * (text_tokens - 3)
+    row = text[:1] + [config.vision_start_token_id] + [config.image_token_id] * n_vision
+    row += [config.vision_end_token_id] + text[1:] + [1]  # text_tokens tokens besides the image tokens
+    ids = torch.tensor([row] * batch_size)
+    pixels = torch.zeros(int(grid.prod(-1).sum()), pixel_row_width(config))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels, "image_grid_thw": grid}
 
 
 NO_CLS = (

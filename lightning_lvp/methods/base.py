@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from lightning_lvp.adapter import TextDims
+from lightning_lvp.families.base import TextDims
 from lightning_lvp.schedules import validate_ratios  # noqa: F401  (re-exported: methods import it from here)
 from lightning_lvp.state import SeqState
 
@@ -42,6 +42,9 @@ class StageContext:
             the CLS query's softmax attention and the head-averaged keys of the vision tower's
             selected layer (VisionZip); token order as ``vision_hidden``.
         project: the multimodal projector, ``(B, M, Dv) -> (B, M, D)`` (tokens merged in vision space).
+        cls_similarity: callable ``() -> (B, N)``: cosine similarity of every vision token's state in
+            the selected vision layer to its CLS state, patch order (CLS-knee); LLaVA-NeXT compares a
+            crop's tokens with that crop's own CLS (docs/FAMILIES.md). None: column 0 of ``vision_hidden``.
     """
 
     stage: int
@@ -53,6 +56,7 @@ class StageContext:
     final_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
     vision_attention: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
     project: Callable[[torch.Tensor], torch.Tensor] | None = None
+    cls_similarity: Callable[[], torch.Tensor] | None = None
 
 
 def validate_layers(after_layers: Sequence[int], field: str = "after_layers") -> list[int]:
@@ -70,16 +74,24 @@ def validate_layers(after_layers: Sequence[int], field: str = "after_layers") ->
 def keep_counts(ratio: float, n_vision: torch.Tensor, stage: int) -> torch.Tensor:
     """k_s = round(rho_s * |I_V original|) per sample (METHOD §4); an error if it is zero.
 
+    Each sample's count is a fraction of ITS OWN original vision-token count (LLaVA-NeXT images
+    give different counts).
+
     Args:
         ratio: kept fraction of the ORIGINAL number of vision tokens.
         n_vision: (B,) original vision-token counts.
         stage: for the error message.
+
+    Raises:
+        ValueError: a sample would keep zero tokens; the message names the first such sample.
     """
     counts = torch.floor(ratio * n_vision.double() + 0.5).long()
     if bool((counts < 1).any()):
+        i = int((counts < 1).nonzero()[0, 0])
+        n = int(n_vision[i])
         raise ValueError(
-            f"keep ratio {ratio} at stage {stage} leaves zero vision tokens "
-            f"(round({ratio} x {int(n_vision.min())}) = 0); use a larger ratio"
+            f"keep ratio {ratio} at stage {stage} leaves zero vision tokens for sample {i} "
+            f"(round({ratio} x {n}) = 0 of its {n}); use a larger ratio"
         )
     return counts
 
@@ -141,6 +153,7 @@ class PruningMethod(nn.Module):
                 f"{list(keep_ratios)} vs {list(after_layers)}"
             )
         self.dims: TextDims | None = None
+        self.family: str | None = None  # the base's model family (set by PrunedVLM; saved in pruners.json)
 
     @property
     def num_stages(self) -> int:

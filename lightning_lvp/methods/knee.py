@@ -87,6 +87,11 @@ def cls_similarity(vision_hidden: torch.Tensor) -> torch.Tensor:
     return F.cosine_similarity(v[:, 1:], v[:, :1], dim=-1)
 
 
+def patch_cls_similarity(ctx: StageContext) -> torch.Tensor:
+    """(B, N) similarity to CLS: the family's (``ctx.cls_similarity``; per crop on LLaVA-NeXT) or column 0's."""
+    return ctx.cls_similarity() if ctx.cls_similarity is not None else cls_similarity(ctx.vision_hidden)
+
+
 def slot_values(per_patch: torch.Tensor, state: SeqState) -> torch.Tensor:
     """(B, N) per-patch values -> (B, L) over the current slots (``-inf`` at non-vision slots)."""
     vals = per_patch.gather(1, state.patch_index.clamp(min=0))
@@ -147,9 +152,9 @@ class ClsKneePruning(PruningMethod):
         return torch.minimum(counts.clamp(min=lo, max=hi), n_alive)
 
     def _stage1(self, state: SeqState, ctx: StageContext, ratio: float | None) -> torch.Tensor:
-        if ctx.vision_hidden is None:
+        if ctx.vision_hidden is None and ctx.cls_similarity is None:  # the family's raises if it has no CLS
             raise ValueError("ClsKneePruning stage 1 needs ctx.vision_hidden (the vision tower's selected layer)")
-        sims = slot_values(cls_similarity(ctx.vision_hidden), state)
+        sims = slot_values(patch_cls_similarity(ctx), state)
         # A number here replaces the knee by a fixed fraction (CLS top-k ablation).
         counts = self.knee_counts(sims, state) if ratio is None else keep_counts(ratio, state.n_vision, ctx.stage)
         return topk_keep(sims, state.alive_vision, counts)
@@ -222,5 +227,5 @@ class ClsKneePruning(PruningMethod):
     def scores(self, state: SeqState, ctx: StageContext) -> torch.Tensor:
         """Stage 1: CLS similarity per slot; stage 2: relevance to the prompt text."""
         if ctx.stage == 0:
-            return slot_values(cls_similarity(ctx.vision_hidden), state)
+            return slot_values(patch_cls_similarity(ctx), state)
         return self.relevance_scores(state, ctx)

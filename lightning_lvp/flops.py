@@ -43,7 +43,10 @@ if TYPE_CHECKING:
     from transformers import LlavaConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-SHIPPED_CONFIGS = {"llava-hf/llava-1.5-7b-hf": "llava-1.5-7b-hf.json"}
+SHIPPED_CONFIGS = {
+    "llava-hf/llava-1.5-7b-hf": "llava-1.5-7b-hf.json",
+    "qwen/qwen2.5-vl-7b-instruct": "qwen2.5-vl-7b-instruct.json",  # dummy image: 1,024 x 768 px -> 999 tokens
+}
 COMPONENTS = ("vision_tower", "projector", "llm", "pruners", "lm_head")
 LM_HEAD_MODES = ("last", "all", "none")
 PRUNER_CONVENTIONS = ("alive", "all_vision")
@@ -239,6 +242,9 @@ def dummy_batch(config: LlavaConfig, text_tokens: int = 30, batch_size: int = 1)
     Returns:
         dict with input_ids, attention_mask (B, T) and pixel_values (B, C, H, W), zeros.
     """
+    family = adapter.family_for(config)
+    if hasattr(family, "dummy_batch"):  # dynamic resolution (Qwen2.5-VL): the family's documented image size
+        return family.dummy_batch(config, text_tokens, batch_size)
     if text_tokens < 1:
         raise ValueError(f"text_tokens must be >= 1 (the decision modules need a text key), got {text_tokens}")
     vc = config.vision_config
@@ -260,8 +266,9 @@ class _Counted(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor], ratios):
         p = self.pruned
+        images = {k: batch[k] for k in p.family.image_input_names if k in batch}  # e.g. Qwen's image_grid_thw
         out = p.forward_infer(
-            batch["input_ids"], batch["pixel_values"], batch.get("attention_mask"), batch.get("prompt_mask"), ratios
+            batch["input_ids"], batch["pixel_values"], batch.get("attention_mask"), batch.get("prompt_mask"), ratios, **images
         )
         if self.lm_head == "last":
             p.logits(out.hidden[:, -1:])  # the last slot is the last real token (DESIGN: left-packed)
@@ -277,13 +284,14 @@ def _component_flops(counts: dict[str, dict], wrapper: _Counted) -> dict[str, in
     modules = {**adapter.component_modules(llava), "pruners": wrapper.pruned.method}
     totals = {k: sum(v.values()) for k, v in counts.items()}
     out = dict.fromkeys(COMPONENTS, 0)
-    for comp, mod in modules.items():
-        if mod is None:
-            continue
-        prefix = names[id(mod)]
-        keys = [k for k in totals if k == prefix or k.startswith(prefix + ".")]
+    prefixes = {comp: names[id(mod)] for comp, mod in modules.items() if mod is not None}
+    under = lambda key, prefix: key == prefix or key.startswith(prefix + ".")  # noqa: E731
+    for comp, prefix in prefixes.items():
+        keys = [k for k in totals if under(k, prefix)]
         top = [k for k in keys if not any(a != k and k.startswith(a + ".") for a in keys)]  # no double counting
-        out[comp] = sum(totals[k] for k in top)
+        # a part nested in another (Qwen2.5-VL's merger inside its vision tower) counts for itself only
+        inner = [p for c, p in prefixes.items() if c != comp and p != prefix and under(p, prefix)]
+        out[comp] = sum(totals[k] for k in top) - sum(totals.get(p, 0) for p in inner)
     out["total"] = totals.get("Global", 0)
     # FLOPs outside every module are the pruning method's own work (training-free methods score with
     # plain tensor ops and recomputed keys / attention rows: FastV, DivPrune, DART, PyramidDrop, VisionZip).

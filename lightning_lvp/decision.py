@@ -180,6 +180,34 @@ def gumbel_keep(gamma: torch.Tensor, tau: float) -> torch.Tensor:
     return F.gumbel_softmax(gamma.float(), tau=tau, hard=True)[..., 0].to(gamma.dtype)
 
 
+class _ClipSampleGrads(torch.autograd.Function):
+    """Identity forward; backward clips each sample's gradient norm at a quantile of the batch's norms."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, quantile: float) -> torch.Tensor:
+        ctx.quantile = quantile
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        norms = grad.flatten(1).float().norm(dim=1)  # (B,)
+        cap = torch.quantile(norms, ctx.quantile)
+        scale = (cap / norms.clamp(min=torch.finfo(norms.dtype).tiny)).clamp(max=1.0)
+        return grad * scale.to(grad).view(-1, *([1] * (grad.dim() - 1))), None
+
+
+def clip_sample_grads(x: torch.Tensor, quantile: float) -> torch.Tensor:
+    """``x`` unchanged; in the backward pass each sample's (dim 0) gradient norm is capped at the
+    ``quantile`` of the batch's per-sample norms (not in the paper).
+
+    Why: the straight-through gradient of a DROPPED token is the loss's first-order response to giving
+    it a little attention, ``exp(s_j) / sum_k exp(s_k)``; for the token a question asks about, s_j is
+    large, and in a minority of samples that linearisation has a huge magnitude of either sign. One such
+    sample outweighs the rest of the batch; capping each sample's share lets the majority decide.
+    """
+    return _ClipSampleGrads.apply(x, quantile)
+
+
 def ratio_loss(kept: torch.Tensor, targets: torch.Tensor, kind: str = "mse", beta: float = 0.5) -> torch.Tensor:
     """L_ratio = 1/S sum_s (rho_s - mean_i D_s,i)^2 (METHOD §3), or its Huber variant.
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from core_fixtures import inputs, make_batch, make_method, make_model
 
-from lightning_lvp.decision import ratio_loss
+from lightning_lvp.decision import clip_sample_grads, ratio_loss
 
 
 def test_control_step_is_gain_times_error():
@@ -89,3 +89,18 @@ def test_closed_loop_reaches_targets():
     late = torch.stack(history[-40:]).mean(0)
     assert torch.allclose(late, targets, atol=0.03), late
     assert ratio_loss(history[0][None], targets) > 0.1  # started far off: ~0.95 kept at every stage
+
+
+def test_clip_sample_grads_caps_outlier_samples():
+    """Backward of clip_sample_grads: per-sample gradient norms above the batch quantile are scaled
+    down to it, the others pass unchanged; forward is the identity."""
+    x = torch.zeros(4, 3, requires_grad=True)
+    weights = torch.tensor([[3.0, 4.0, 0.0], [0.0, 0.6, 0.8], [0.3, 0.4, 0.0], [60.0, 80.0, 0.0]])  # norms 5, 1, .5, 100
+    y = clip_sample_grads(x, 0.5)
+    assert torch.equal(y, x)
+    (y * weights).sum().backward()
+    cap = torch.quantile(torch.tensor([5.0, 1.0, 0.5, 100.0]), 0.5)  # 3.0
+    expected = torch.stack([weights[0] * cap / 5, weights[1], weights[2], weights[3] * cap / 100])
+    assert torch.allclose(x.grad, expected)
+    with pytest.raises(ValueError, match="grad_clip_quantile"):
+        make_method(grad_clip_quantile=0.0)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lightning_lvp.adapter import TextDims
-from lightning_lvp.decision import DecisionModule, gumbel_keep
+from lightning_lvp.decision import DecisionModule, clip_sample_grads, gumbel_keep
 from lightning_lvp.methods.base import PruningMethod, StageContext, validate_ratios
 from lightning_lvp.state import SeqState, gather_rows, pack_index
 
@@ -39,6 +39,9 @@ class LVPruning(PruningMethod):
             (:meth:`control_ratios`): the kept ratios track their targets whatever the other loss terms
             do, and the modules only learn the ranking. Inference ranks by score within a stage, which a
             per-sample constant does not change, so centering and bias only act in training.
+        grad_clip_quantile: cap each sample's straight-through gradient on a stage's decisions at this
+            quantile of the batch's per-sample gradient norms (not in the paper; None = off, the paper;
+            see :func:`~lightning_lvp.decision.clip_sample_grads`).
     """
 
     trainable = True
@@ -57,6 +60,7 @@ class LVPruning(PruningMethod):
         keys: Literal["prompt", "all_text"] = "prompt",
         score: Literal["log_odds", "keep_logit"] = "log_odds",
         ratio_control: float = 0.0,
+        grad_clip_quantile: float | None = None,
     ):
         super().__init__(after_layers, keep_ratios)
         self.train_ratios = [float(r) for r in validate_ratios(train_ratios, "train_ratios")]
@@ -80,6 +84,9 @@ class LVPruning(PruningMethod):
         self.keys = keys
         self.score = score
         self.ratio_control = float(ratio_control)
+        if grad_clip_quantile is not None and not 0.0 < grad_clip_quantile <= 1.0:
+            raise ValueError(f"grad_clip_quantile must be in (0, 1] or None, got {grad_clip_quantile}")
+        self.grad_clip_quantile = grad_clip_quantile
         self.decision = nn.ModuleList()
         # persistent only when used: pruner folders / checkpoints without a controller keep their keys
         self.register_buffer("ratio_bias", torch.zeros(self.num_stages), persistent=self.ratio_control > 0)
@@ -123,7 +130,10 @@ class LVPruning(PruningMethod):
         gamma = self.gamma(state, ctx)
         if self.ratio_control > 0:
             gamma = self._controlled(gamma, state.alive_vision, ctx.stage)
-        return gumbel_keep(gamma, tau) * state.alive_vision
+        keep = gumbel_keep(gamma, tau)
+        if self.grad_clip_quantile is not None and torch.is_grad_enabled():
+            keep = clip_sample_grads(keep, self.grad_clip_quantile)
+        return keep * state.alive_vision
 
     def _controlled(self, gamma: torch.Tensor, alive: torch.Tensor, stage: int) -> torch.Tensor:
         """(B, L, 2) -> keep/drop logits ``[log_odds - mean_alive(log_odds) + b_s, 0]``.

@@ -11,12 +11,23 @@ def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float = 10000.
     """RoPE tables (Su et al. 2021, as Llama's default rotary): cos and sin, each (B, N, head_dim).
 
     Args:
-        positions: (B, N) ORIGINAL position ids of the tokens (the LLM's own rotary positions).
+        positions: (B, N) ORIGINAL position ids of the tokens (the LLM's own rotary positions), or
+            (B, N, 3) M-RoPE (t, h, w) positions (Qwen2.5-VL): the frequencies are split into t / h / w
+            sections in Qwen's 1 : 1.5 : 1.5 proportion (its ``mrope_section`` [16, 24, 24] of 64), so
+            text tokens (t = h = w) get exactly the 1-D table.
         head_dim: per-head width (even).
         theta: RoPE base.
     """
     inv_freq = theta ** -(torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    angles = positions.float()[..., None] * inv_freq  # (B, N, head_dim / 2)
+    if positions.dim() == 3:  # M-RoPE: frequency i reads component 0 (t), 1 (h) or 2 (w) of its section
+        half = head_dim // 2
+        hw = 3 * half // 8
+        component = torch.repeat_interleave(
+            torch.arange(3, device=positions.device), torch.tensor([half - 2 * hw, hw, hw], device=positions.device)
+        )
+        angles = positions.float()[..., component] * inv_freq  # (B, N, head_dim / 2)
+    else:
+        angles = positions.float()[..., None] * inv_freq  # (B, N, head_dim / 2)
     angles = torch.cat([angles, angles], -1)
     return angles.cos(), angles.sin()
 

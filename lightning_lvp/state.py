@@ -101,6 +101,11 @@ def consecutive_positions(valid: torch.Tensor, end: torch.Tensor) -> torch.Tenso
     Returns:
         (B, L) positions (``end`` minus the number of valid slots after each slot; arbitrary on fillers).
     """
+    if end.dim() != 2:
+        raise ValueError(
+            "renumbered positions (the VisionZip / DivPrune layout) are defined for 1-D RoPE: M-RoPE (t, h, w) "
+            f"positions (Qwen2.5-VL) cannot be renumbered, got end of shape {tuple(end.shape)}"
+        )
     later = valid.flip(1).long().cumsum(1).flip(1) - valid.long()
     return end - later
 

@@ -195,3 +195,62 @@ def test_bad_inputs_name_the_sample(model):
     pix = batch["pixel_values"][: int(grid.prod(-1).sum())]
     with pytest.raises(ValueError, match=r"sample 0 has 16 image tokens \(98\) but its images \[0, 1\] give 24"):
         model.forward_infer(batch["input_ids"], pix, batch["attention_mask"], image_grid_thw=grid)
+
+
+def test_ratio_leaving_a_small_image_no_token_names_the_sample(model):
+    batch = make_batch(SPECS, padding="left", seed=12)
+    with pytest.raises(ValueError, match="sample 2"):  # round(0.05 x 8) = 0; samples 0 and 1 keep 1
+        model.forward_infer(**keys(batch), ratios=[0.5, 0.3, 0.05])
+
+
+def test_pruners_round_trip_on_qwen_and_refuse_another_family(base, tmp_path):
+    from lightning_lvp.io import save_pruners
+    from lightning_lvp.tiny import build_tiny_llava
+
+    torch.manual_seed(2)
+    pruned = PrunedVLM(base, lvp())
+    base.save_pretrained(tmp_path / "qwen")
+    save_pruners(pruned.method, tmp_path / "pruners")
+    loaded = PrunedVLM.from_pretrained(str(tmp_path / "qwen"), str(tmp_path / "pruners"))
+    assert isinstance(loaded.family, Qwen2_5_VLFamily)
+    batch = make_batch(SPECS, padding="left", seed=13)
+    with torch.no_grad():
+        a, b = pruned.forward_infer(**keys(batch)), loaded.forward_infer(**keys(batch))
+    assert all(torch.equal(x, y) for x, y in zip(a.kept_patches, b.kept_patches))
+    torch.testing.assert_close(pruned.logits(a.hidden[:, -1]), loaded.logits(b.hidden[:, -1]))
+    llava = PrunedVLM(build_tiny_llava(), lvp())  # same hidden size and depth: only the family differs
+    save_pruners(llava.method, tmp_path / "llava_pruners")
+    with pytest.raises(ValueError, match="trained on a 'llava' model, but this model is a 'qwen2_5_vl' model"):
+        PrunedVLM.from_pretrained(str(tmp_path / "qwen"), str(tmp_path / "llava_pruners"))
+
+
+@torch.no_grad()
+def test_peers_on_qwen_run_or_refuse_clearly(base):
+    from lightning_lvp.methods.peers import build_peer
+
+    batch = make_batch(SPECS, padding="left", seed=14)
+    for spec in ("dart:k=2", "divprune:keep_ratio=0.5"):
+        out = PrunedVLM(base, build_peer(spec)).forward_infer(**keys(batch))
+        assert out.state.position_ids.shape[-1] == 3 and len(out.kept_patches) == 1
+    with pytest.raises(ValueError, match="no CLS token"):
+        PrunedVLM(base, build_peer("visionzip")).forward_infer(**keys(batch))
+    with pytest.raises(ValueError, match="M-RoPE"):
+        PrunedVLM(base, build_peer("divprune:positions=consecutive")).forward_infer(**keys(batch))
+
+
+def test_decision_rotary_on_mrope_positions():
+    """(t, h, w) positions: text tokens (t = h = w) get the 1-D table exactly; image tokens differ by h / w."""
+    from lightning_lvp.decision import rotary_cos_sin
+
+    one_d = torch.tensor([[0, 3, 7, 12]])
+    cos1, sin1 = rotary_cos_sin(one_d, 16)
+    cos3, sin3 = rotary_cos_sin(one_d[..., None].expand(-1, -1, 3), 16)
+    assert torch.equal(cos1, cos3) and torch.equal(sin1, sin3)
+    img = torch.tensor([[[5, 5, 5], [5, 5, 6], [5, 6, 5]]])
+    cos, _ = rotary_cos_sin(img, 16)
+    assert not torch.equal(cos[0, 0], cos[0, 1]) and not torch.equal(cos[0, 1], cos[0, 2])
+    torch.manual_seed(3)
+    pruned = PrunedVLM(build(seed=5), lvp(rotary=True))
+    batch = make_batch(SPECS, padding="left", seed=15)
+    out = pruned.forward_train(**keys(batch), labels=batch["labels"])
+    assert torch.isfinite(out.loss_causal)

@@ -347,5 +347,5 @@ def dummy_batch(
 
 NO_CLS = (
     "Qwen2.5-VL's vision encoder has no CLS token: CLS-knee and VisionZip (CLS similarity / attention) cannot "
-    "run on it; use LVPruning, FastV, random or uniform"
+    "run on it; use LVPruning, FastV, random, uniform, DART or DivPrune"
 )

@@ -119,7 +119,8 @@ class DART(PruningMethod):
             ctx.final_norm(state.hidden),
             state.alive_vision,
             text_after_image(state),
-            state.position_ids,
+            # M-RoPE (t, h, w) positions (Qwen2.5-VL) have no 1-D order to visit: the slots' input indices
+            state.position_ids if state.position_ids.dim() == 2 else state.orig_index,
             self.counts(state, ctx, ratio),
             self.pivot_image,
             self.pivot_text,

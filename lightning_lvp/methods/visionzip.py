@@ -117,6 +117,8 @@ class VisionZip(PruningMethod):
         self.contextual_fraction, self.cls_to_llm, self.layout = float(contextual_fraction), bool(cls_to_llm), layout
 
     def apply(self, state: SeqState, ctx: StageContext, ratio: float | None) -> SeqState:
+        if ctx.vision_hidden is None and ctx.vision_attention is not None:
+            ctx.vision_attention()  # a family without a CLS token (Qwen2.5-VL) raises its own clear error here
         if ctx.vision_attention is None or ctx.project is None or ctx.vision_hidden is None:
             raise ValueError(
                 "VisionZip needs ctx.vision_attention, ctx.project and ctx.vision_hidden (the vision tower)"

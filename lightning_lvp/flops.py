@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 CONFIG_DIR = Path(__file__).parent / "configs"
 SHIPPED_CONFIGS = {
     "llava-hf/llava-1.5-7b-hf": "llava-1.5-7b-hf.json",
+    "llava-hf/llava-v1.6-vicuna-7b-hf": "llava-v1.6-vicuna-7b-hf.json",  # dummy image: 672 x 672 px -> 2,928 tokens
     "qwen/qwen2.5-vl-7b-instruct": "qwen2.5-vl-7b-instruct.json",  # dummy image: 1,024 x 768 px -> 999 tokens
 }
 COMPONENTS = ("vision_tower", "projector", "llm", "pruners", "lm_head")
@@ -254,6 +255,18 @@ def dummy_batch(config: LlavaConfig, text_tokens: int = 30, batch_size: int = 1)
     ids = torch.tensor([row] * batch_size)
     pixels = torch.zeros(batch_size, vc.num_channels, vc.image_size, vc.image_size)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
+
+
+def describe_input(config, text_tokens: int = 30) -> str:
+    """What :func:`dummy_batch` feeds the model, for the printed convention (families with a variable
+    image size say which size: ``family.dummy_description``)."""
+    family = adapter.family_for(config)
+    if hasattr(family, "dummy_description"):
+        image = family.dummy_description(config)
+    else:
+        dims = adapter.vision_dims(config)
+        image = f"1 image of {dims.image_size} x {dims.image_size} px ({dims.tokens_per_image} vision tokens)"
+    return f"{image} + {text_tokens} text tokens, batch 1"
 
 
 # -------------------------------------------------------------------------------------- counting

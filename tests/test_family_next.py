@@ -339,3 +339,22 @@ def test_pruners_of_one_family_refuse_to_load_on_another(next_model, tmp_path):
         PrunedVLM.from_pretrained(str(tmp_path / "llava15"), str(tmp_path / "pruners"))
     with pytest.raises(ValueError, match="trained on a 'llava_next' model"):
         PrunedVLM(build_tiny_llava(SPEC, seed=0), again)
+
+
+def test_shipped_next_7b_config_flops_at_672_px():
+    """llava-v1.6-vicuna-7b on the meta device: 5 views, 2,880 vision + 48 newline tokens; LLM = the formula."""
+    from lightning_lvp import flops
+
+    cfg = flops.resolve_model_config("llava-hf/llava-v1.6-vicuna-7b-hf")
+    assert family_for(cfg).name == "llava_next"
+    batch = family_for(cfg).dummy_batch(cfg, text_tokens=30)
+    assert batch["input_ids"].shape == (1, 1 + 2928 + 29) and batch["pixel_values"].shape == (1, 5, 3, 336, 336)
+    spec = {"class_path": "lightning_lvp.methods.simple.UniformPruning", "init_args": {}}
+    rows = flops.count_config(cfg, spec, [[0.5, 0.3, 0.1]])
+    base, pruned = rows
+    assert pruned["kept_vision"] == [1440.0, 864.0, 288.0]  # round(rho x 2,880): newlines are not counted
+    d, m, t = 4096, 11008, 2928 + 30
+    assert base["by_component"]["llm"] * 1e12 == pytest.approx(32 * flops.llm_layer_flops(t, d, m), rel=1e-9)
+    one_view = flops.count_config(flops.resolve_model_config("llava-hf/llava-1.5-7b-hf"), None, [])[0]
+    assert base["by_component"]["vision_tower"] == pytest.approx(5 * one_view["by_component"]["vision_tower"])
+    assert 44.0 < base["tflops"] < 46.0 and pruned["tflops"] < 0.4 * base["tflops"]

@@ -26,14 +26,20 @@ Choices (docs/FAMILIES.md):
 from __future__ import annotations
 
 import torch
-from torch import nn
 from transformers import LlavaNextForConditionalGeneration
-from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+from transformers.models.llava_next.modeling_llava_next import LlavaNextModel, image_size_to_num_patches
 
 from lightning_lvp.families.base import ImageFeatures, MergedInputs, VisionDims, VLMFamily, check_image_tokens
 from lightning_lvp.families.llava import LlavaFamily, _CatchLayerInput, check_shapes
 
 NEWLINE = -1  # crop index of an image_newline token in a layout
+
+
+class _ConfigOnly:
+    """Stands in for ``self`` of ``LlavaNextModel.pack_image_features``, which reads only ``self.config``."""
+
+    def __init__(self, config):
+        self.config = config
 
 
 class LlavaNextFamily(VLMFamily):
@@ -67,13 +73,14 @@ class LlavaNextFamily(VLMFamily):
         )
 
     @torch.no_grad()
-    def layouts(self, model: nn.Module, image_sizes) -> list[torch.Tensor]:
+    def layouts(self, model_or_config, image_sizes) -> list[torch.Tensor]:
         """Per image, (n_i, 2) long: (view index in the batch's concatenated views, token in the view).
 
-        Newline tokens have view index ``NEWLINE``. Computed by HF's ``pack_image_features`` on index
-        tensors (float64 holds the integers exactly), so the order is the LLM's placeholder order.
+        Newline tokens have view index ``NEWLINE``. Computed by HF's ``LlavaNextModel.pack_image_features``
+        on index tensors (float64 holds the integers exactly), so the order is the LLM's placeholder
+        order. That method reads only ``self.config``, so a config (no weights) is enough.
         """
-        cfg = model.config
+        cfg = getattr(model_or_config, "config", model_or_config)
         per_view = self.vision_dims(cfg).tokens_per_image
         index, offset = [], 0
         for size in image_sizes:
@@ -84,12 +91,45 @@ class LlavaNextFamily(VLMFamily):
             offset += n
         sizes = torch.as_tensor([[int(x) for x in s] for s in image_sizes])
         marker = torch.full((2,), float(NEWLINE), dtype=torch.float64)
-        packed, _ = model.model.pack_image_features(index, sizes, cfg.vision_feature_select_strategy, marker)
+        holder = _ConfigOnly(cfg)
+        packed, _ = LlavaNextModel.pack_image_features(holder, index, sizes, cfg.vision_feature_select_strategy, marker)
         return [p.long() for p in packed]
 
-    def placeholder_count(self, model: nn.Module, image_size) -> int:
+    def placeholder_count(self, model_or_config, image_size) -> int:
         """``<image>`` tokens one image of ``image_size`` (height, width) needs in ``input_ids``."""
-        return int(self.layouts(model, [image_size])[0].shape[0])
+        return int(self.layouts(model_or_config, [image_size])[0].shape[0])
+
+    def dummy_description(self, config, side: int = 672) -> str:
+        """The FLOPs input image in words (printed with the FLOPs convention)."""
+        lay = self.layouts(config, [(side, side)])[0]
+        newlines = int((lay[:, 0] == NEWLINE).sum())
+        views = self.num_views(config, (side, side))
+        return (
+            f"1 image of {side} x {side} px (anyres: {views} views of {config.vision_config.image_size} px, "
+            f"{lay.shape[0] - newlines} vision tokens + {newlines} image_newline tokens kept as structure)"
+        )
+
+    def dummy_batch(self, config, text_tokens: int = 30, batch_size: int = 1, side: int = 672) -> dict:
+        """FLOPs input: one ``side`` x ``side`` px image + ``text_tokens`` text tokens (BOS, image, the rest).
+
+        At 672 px with llava-v1.6's pinpoints: 2 x 2 crops + the base view = 5 views of 336 px, 576 base
+        + 2,304 crop patches + 48 newlines = 2,928 ``<image>`` tokens (2,880 vision tokens under "keep").
+        Zeros as ``pixel_values`` (shape-only FLOPs do not depend on them).
+        """
+        if text_tokens < 1:
+            raise ValueError(f"text_tokens must be >= 1 (the decision modules need a text key), got {text_tokens}")
+        n = self.placeholder_count(config, (side, side))
+        text_id = 1 if config.image_token_id != 1 else 2
+        row = [text_id] + [config.image_token_id] * n + [text_id] * (text_tokens - 1)
+        ids = torch.tensor([row] * batch_size)
+        vc = config.vision_config
+        views = self.num_views(config, (side, side))
+        return {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "pixel_values": torch.zeros(batch_size, views, vc.num_channels, vc.image_size, vc.image_size),
+            "image_sizes": torch.tensor([[side, side]] * batch_size),
+        }
 
     # ------------------------------------------------------------------------------- merge
     def merge(self, model, input_ids, pixel_values, structure: str = "keep", image_sizes=None, **image_inputs):

@@ -1,8 +1,9 @@
-"""Command line: ``python -m lightning_lvp {fit,validate,test,predict} -c CONFIG`` (LightningCLI) plus
-``flops``, ``sweep``, ``export``, ``compare``, ``evaluate`` and ``probe``.
+"""Command line: ``python -m lightning_lvp COMMAND ...``.
 
-LightningCLI runs with the omegaconf parser mode so ``${...}`` interpolation works in the YAML.
-``model.model_path`` is linked to ``data.processor_path`` (one value, never repeated in YAML).
+``fit`` / ``validate`` / ``test`` / ``predict`` are LightningCLI (omegaconf parser mode, so ``${...}``
+interpolation works; ``model.init_args.model_path`` is linked to ``data.init_args.processor_path``).
+Every other command is a typed function in :mod:`lightning_lvp.commands`, parsed by jsonargparse from
+the same experiment YAML (``-c``); ``python -m lightning_lvp --help`` lists them all.
 """
 
 from __future__ import annotations
@@ -12,14 +13,34 @@ import os
 import sys
 from pathlib import Path
 
-EXTRA_COMMANDS = {
-    "flops": ("lightning_lvp.flops", "flops_command", "count FLOPs per inference schedule (meta device)"),
-    "sweep": ("lightning_lvp.sweep", "sweep_command", "evaluate a list/range of inference schedules"),
-    "export": ("lightning_lvp.export", "export_command", "write pruner weights from a checkpoint"),
-    "compare": ("lightning_lvp.compare", "compare_command", "LVPruning vs training-free baselines on one data set"),
-    "evaluate": ("lightning_lvp.eval.runner", "evaluate_command", "answer and score a benchmark (LLaVA formats)"),
-    "probe": ("lightning_lvp.probes", "probe_command", "capacity probes of a base: relevance (top-k recall), position"),
+from lightning_lvp.commands import COMMANDS
+
+LIGHTNING_COMMANDS = {
+    "fit": "train the pruners (LightningCLI: -c experiments/X.yaml, --print_config, --trainer.*, --model.*)",
+    "validate": "run the validation loop of a config (LightningCLI)",
+    "test": "run the test loop of a config (LightningCLI)",
+    "predict": "run the prediction loop of a config (LightningCLI)",
 }
+
+
+def fit_classes():
+    """The model and data base classes of ``fit`` (subclass mode); every command parses its ``model`` /
+    ``data`` sections against the same two."""
+    from lightning_lvp.data.datamodule import LlavaDataModule
+    from lightning_lvp.training.module import LVPModule
+
+    return LVPModule, LlavaDataModule
+
+
+def usage() -> str:
+    """The top-level help: every command of ``python -m lightning_lvp``."""
+    rows = {**LIGHTNING_COMMANDS, **{name: desc for name, (_, desc) in COMMANDS.items()}}
+    lines = "\n".join(f"  {name:<9} {desc}" for name, desc in rows.items())
+    return (
+        "usage: python -m lightning_lvp COMMAND [-c CONFIG] [ARGS]\n\n"
+        "Every command reads the experiment YAML that fit takes (-c) and documents its arguments in\n"
+        f"`python -m lightning_lvp COMMAND --help`.\n\ncommands:\n{lines}\n"
+    )
 
 
 def _cli_class():
@@ -79,16 +100,15 @@ def resolve_last_checkpoint(config) -> Path:
 
 def parse_config(args: list[str]):
     """Parses and validates a command line / config exactly as ``fit`` would, without instantiating."""
-    from lightning_lvp.data.datamodule import LlavaDataModule
-    from lightning_lvp.training.module import LVPModule
+    model_class, data_class = fit_classes()
 
     class ParseOnly(_cli_class()):
         def instantiate_classes(self) -> None:
             pass
 
     cli = ParseOnly(
-        LVPModule,
-        LlavaDataModule,
+        model_class,
+        data_class,
         subclass_mode_model=True,
         subclass_mode_data=True,
         parser_kwargs={"parser_mode": "omegaconf"},
@@ -99,14 +119,10 @@ def parse_config(args: list[str]):
 
 
 def run_lightning_cli(args: list[str] | None = None):
-    """LightningCLI over :class:`LVPModule` and :class:`LlavaDataModule` (subclasses allowed)."""
-    from lightning_lvp.data.datamodule import LlavaDataModule
-    from lightning_lvp.training.module import LVPModule
-
+    """LightningCLI over :func:`fit_classes` (subclasses allowed)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return _cli_class()(
-        LVPModule,
-        LlavaDataModule,
+        *fit_classes(),
         subclass_mode_model=True,
         subclass_mode_data=True,
         parser_kwargs={"parser_mode": "omegaconf"},
@@ -116,13 +132,17 @@ def run_lightning_cli(args: list[str] | None = None):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Dispatches ``argv`` (default ``sys.argv[1:]``) to LightningCLI or a command; returns the exit code."""
     from_sys = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in EXTRA_COMMANDS:
-        module, fn, _ = EXTRA_COMMANDS[argv[0]]
-        return int(getattr(importlib.import_module(module), fn)(argv[1:]) or 0)
     if not argv or argv[0] in ("-h", "--help"):
-        extra = "\n".join(f"  {name:<9} {desc}" for name, (_, _, desc) in EXTRA_COMMANDS.items())
-        print(f"Also available (each has --help):\n{extra}\n")
+        print(usage())
+        return 0 if argv else 2
+    if argv[0] in COMMANDS:
+        module, _ = COMMANDS[argv[0]]
+        return int(importlib.import_module(module).main(argv[1:]) or 0)
+    if argv[0] not in LIGHTNING_COMMANDS:
+        print(f"{usage()}\nerror: unknown command {argv[0]!r}", file=sys.stderr)
+        return 2
     run_lightning_cli(None if from_sys else argv)
     return 0

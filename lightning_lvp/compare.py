@@ -1,33 +1,30 @@
 """LVPruning against the training-free baselines on one validation set: accuracy, TFLOPs, kept tokens.
 
-``python -m lightning_lvp compare --model MODEL --pruners PRUNERS --out DIR [--data CONFIG.yaml]``
+``python -m lightning_lvp compare -c CONFIG.yaml --pruners PRUNERS --out DIR`` (lightning_lvp/commands/compare.py)
 evaluates (teacher-forced, :func:`~lightning_lvp.eval.teacher_forced.evaluate_schedule`, token-removing path):
 
 * the unpruned model;
-* LVPruning at rho 0.6 / 0.5 / 0.45 (schedules [rho, rho - 0.2, rho - 0.4, ...], METHOD §2);
+* LVPruning at rho 0.6 / 0.5 / 0.45 (schedules [rho, rho - 0.2, rho - 0.4, ...], METHOD §2; ``--schedules``);
 * CLS-knee (two stages, its own dynamic counts; :mod:`lightning_lvp.methods.knee`);
 * FastV after layer K with the keep ratio whose kept vision tokens, averaged over the LLM layers,
-  equal LVPruning's at ``--match-rho`` (the LLM's linear FLOPs then match);
-* random and uniform pruning at LVPruning's pruning points with its ``--match-rho`` schedule
+  equal LVPruning's at ``--match_rho`` (the LLM's linear FLOPs then match);
+* random and uniform pruning at LVPruning's pruning points with its ``--match_rho`` schedule
   (the same kept count at every layer);
 
 and writes ``comparison.csv``, ``comparison.json``, ``comparison.md`` (table + command, for
 docs/RESULTS.md) and ``comparison.png`` (accuracy vs TFLOPs) into ``--out``.
 
 TFLOPs: :func:`lightning_lvp.flops.count_forward` (FlopCounterMode on the real model, LM head on the
-last position) on the first ``--flops-samples`` validation samples, ONE sample at a time without
+last position) on the first ``--flops_samples`` validation samples, ONE sample at a time without
 padding (a batch is re-packed to its longest row, so dynamic-count methods would be over-counted),
 averaged: TFLOPs per sample.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import logging
-import shlex
-import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +46,7 @@ from lightning_lvp.eval.teacher_forced import (
 from lightning_lvp.methods import ClsKneePruning, FastV, PruningMethod, RandomPruning, UniformPruning
 from lightning_lvp.methods.peers import PAPER_TOKENS, peer_entries
 from lightning_lvp.model import PrunedLlava
-from lightning_lvp.schedules import PAPER_RHOS, paper_schedule, parse_rhos
+from lightning_lvp.schedules import PAPER_RHOS, format_schedule, paper_schedule
 
 log = logging.getLogger(__name__)
 PEER_NAMES = ("visionzip", "divprune", "dart", "pdrop")  # the methods papers compare against (issue #15)
@@ -74,6 +71,14 @@ class Entry:
 def lvp_schedule(rho: float, stages: int) -> list[float]:
     """The paper's schedule for ``rho`` (:func:`lightning_lvp.schedules.paper_schedule`)."""
     return paper_schedule(rho, stages)
+
+
+def lvp_row_name(schedule: Sequence[float | None], stages: int) -> str:
+    """``lvp_rho0.5`` for the paper's schedule of rho 0.5, else ``lvp_`` + the schedule (``lvp_0.5,0.4,0.3``)."""
+    first = schedule[0]
+    if first is not None and list(schedule) == lvp_schedule(first, stages):
+        return f"lvp_rho{first:g}"
+    return "lvp_" + format_schedule(schedule)
 
 
 def layer_fractions(after_layers: Sequence[int], kept: Sequence[float], num_layers: int) -> list[float]:
@@ -116,12 +121,15 @@ def build_entries(
     seed: int = 0,
     peers: Sequence[str] = PEER_NAMES,
     peer_tokens: Sequence[int] = PAPER_TOKENS,
+    schedules: Sequence[Sequence[float | None]] | None = None,
 ) -> list[Entry]:
     """The rows of the comparison (see the module docstring); ``peers`` at ``peer_tokens`` of 576
-    (:func:`lightning_lvp.methods.peers.peer_entries`)."""
+    (:func:`lightning_lvp.methods.peers.peer_entries`); LVPruning's rows at ``schedules`` when given,
+    else at the paper's schedule of each of ``rhos``."""
     stages = lvp.num_stages
     entries = [Entry("base", None, None)]
-    entries += [Entry(f"lvp_rho{rho:g}", lvp, lvp_schedule(rho, stages)) for rho in rhos]
+    lvp_rows = [list(s) for s in schedules] if schedules is not None else [lvp_schedule(r, stages) for r in rhos]
+    entries += [Entry(lvp_row_name(s, stages), lvp, s) for s in lvp_rows]
     knee = ClsKneePruning(**(knee_args or {}))
     entries.append(Entry("cls_knee", knee, list(knee.keep_ratios)))  # None = the knee decides
     matched = lvp_schedule(match_rho, stages)
@@ -207,6 +215,7 @@ def run_comparison(
     peer_tokens: Sequence[int] = PAPER_TOKENS,
     done: Sequence[dict[str, Any]] = (),
     on_row: Callable[[list[dict[str, Any]]], None] | None = None,
+    schedules: Sequence[Sequence[float | None]] | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluates every entry of :func:`build_entries`; returns one dict per row (see :data:`COLUMNS`).
 
@@ -218,6 +227,7 @@ def run_comparison(
         done: rows of an interrupted run with the same settings, reused by name (said at WARNING).
         on_row: called with the rows so far after every row (compare writes its files there, so a kill
             keeps every finished row).
+        schedules: LVPruning's inference schedules (instead of the paper's schedule of each of ``rhos``).
     """
     samples = single_samples(loader, max(flops_samples, 1))
     if not samples:
@@ -225,7 +235,9 @@ def run_comparison(
     n_vision = adapter.vision_dims(llava.config).tokens_per_image
     samples = samples[:flops_samples]
     num_layers = adapter.text_dims(llava.config).num_layers
-    entries = build_entries(lvp, num_layers, n_vision, rhos, match_rho, fastv_k, knee_args, seed, peers, peer_tokens)
+    entries = build_entries(
+        lvp, num_layers, n_vision, rhos, match_rho, fastv_k, knee_args, seed, peers, peer_tokens, schedules
+    )
     finished = {r["name"]: r for r in done}
     rows: list[dict[str, Any]] = []
     for entry in entries:
@@ -349,19 +361,17 @@ def write_results(
     return paths
 
 
-def compare_settings(args: argparse.Namespace) -> dict[str, Any]:
-    """What the rows are measured with: model, pruners (sha256 of their files), data config (sha256),
-    batch size, batch limit, FLOPs samples and every row-defining option."""
+def compare_settings(model_path: str, pruners: str, config: str | None, options: dict[str, Any]) -> dict[str, Any]:
+    """What the rows are measured with: model, pruners (sha256 of their files), config (sha256), batch
+    size, batch limit, FLOPs samples and every row-defining option (``options``)."""
     from lightning_lvp.io import file_fingerprint, model_fingerprint, pruner_source_fingerprint
 
-    pruner_hash = pruner_source_fingerprint(args.pruners)
-    options = {k: v for k, v in vars(args).items() if k not in ("model", "pruners", "out", "overwrite", "num_workers")}
     return {
-        "model": str(args.model),
-        "model_fingerprint": model_fingerprint(args.model),
-        "pruners": str(args.pruners),
-        "pruners_sha256": pruner_hash,
-        "data_sha256": file_fingerprint(args.data) if args.data else None,
+        "model": str(model_path),
+        "model_fingerprint": model_fingerprint(model_path),
+        "pruners": str(pruners),
+        "pruners_sha256": pruner_source_fingerprint(pruners),
+        "data_sha256": ";".join(file_fingerprint(c) for c in config.split(";")) if config else None,
         **options,
     }
 
@@ -389,156 +399,3 @@ def previous_rows(out: Path, settings: dict[str, Any], overwrite: bool) -> tuple
     rows = saved.get("rows", [])
     log.warning("compare: resuming the interrupted comparison in %s: reusing %d finished rows", out, len(rows))
     return rows, None
-
-
-# ----------------------------------------------------------------------------------------- CLI
-def _count_or_fraction(text: str) -> int | float:
-    """``"8"`` -> 8 (a count), ``"0.25"`` -> 0.25 (a fraction of the original vision tokens)."""
-    try:
-        return int(text)
-    except ValueError:
-        return float(text)
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m lightning_lvp compare",
-        description="LVPruning (rho 0.6/0.5/0.45) vs the unpruned model, CLS-knee, FastV, random and uniform "
-        "pruning on a validation set: CSV + JSON + Markdown table and an accuracy-vs-TFLOPs plot.",
-    )
-    p.add_argument("--model", required=True, help="base model folder (save_pretrained + processor)")
-    p.add_argument("--pruners", required=True, help="LVPruning pruner folder (pruners.json) or a training checkpoint")
-    p.add_argument("--out", required=True, help="output folder for comparison.{csv,json,md,png}")
-    p.add_argument("--overwrite", action="store_true", help="replace result files of a previous run in --out")
-    p.add_argument("--data", help="experiments YAML whose data section builds the LlavaDataModule (else digits)")
-    p.add_argument("--cache-dir", default=".cache", help="digits cache folder when --data is not given")
-    p.add_argument("--batch-size", type=int, help="validation batch size (overrides the data config)")
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
-    p.add_argument("--max-batches", type=int, help="evaluate at most this many validation batches per row")
-    p.add_argument("--flops-samples", type=int, default=4, help="samples the TFLOPs are averaged over (0: skip)")
-    p.add_argument(
-        "--rhos",
-        nargs="+",
-        default=["0.6,0.5,0.45"],
-        help="LVPruning first-stage ratios, each run as the paper's schedule (lightning_lvp/schedules.py): "
-        "0.6 0.5 0.45, 0.6,0.5,0.45 or a range 0.3:0.8:0.05",
-    )
-    p.add_argument("--match-rho", type=float, default=0.5, help="LVPruning rho the baselines' kept counts match")
-    p.add_argument("--fastv-k", type=int, default=2, help="FastV: LLM layer whose attention ranks the tokens")
-    p.add_argument("--knee-layer", type=int, default=2, help="CLS-knee: LLM layer of stage 2 (0 = stage 1 only)")
-    p.add_argument("--knee-keep-ratio", type=float, default=0.5, help="CLS-knee: stage-2 keep ratio")
-    p.add_argument(
-        "--knee-min-keep",
-        type=_count_or_fraction,
-        default=0.05,
-        help="CLS-knee: stage-1 minimum (int count or fraction)",
-    )
-    p.add_argument(
-        "--knee-max-keep",
-        type=_count_or_fraction,
-        default=1.0,
-        help="CLS-knee: stage-1 maximum (int count or fraction)",
-    )
-    p.add_argument("--seed", type=int, default=0, help="seed of random pruning")
-    p.add_argument(
-        "--peers", default=",".join(PEER_NAMES), help="peer methods (comma list; '' = none): " + ", ".join(PEER_NAMES)
-    )
-    p.add_argument(
-        "--peer-tokens", default="64,128,192", help="peer budgets as kept tokens of LLaVA-1.5's 576 (same share here)"
-    )
-    p.add_argument("--device", default="cpu", help="torch device")
-    return p
-
-
-def _digits_config(value: Any):
-    from lightning_lvp.data.digits import DigitsConfig
-
-    if value is None or isinstance(value, DigitsConfig):
-        return value
-    args = value.get("init_args", value) if isinstance(value, dict) else value
-    return DigitsConfig(**{k: v for k, v in args.items() if k != "class_path"})
-
-
-def build_val_loader(args: argparse.Namespace):
-    """The validation DataLoader of the LlavaDataModule described by ``--data`` (or digits defaults)."""
-    from lightning_lvp.data.datamodule import LlavaDataModule
-    from lightning_lvp.io import instantiate
-
-    spec: dict[str, Any] = {"class_path": f"{LlavaDataModule.__module__}.LlavaDataModule", "init_args": {}}
-    if args.data:
-        from omegaconf import OmegaConf
-
-        cfg = OmegaConf.to_container(OmegaConf.load(args.data), resolve=True) or {}
-        data = cfg.get("data", cfg) or {}
-        spec = data if "class_path" in data else {**spec, "init_args": data}
-    init = dict(spec.get("init_args") or {})
-    init.setdefault("processor_path", args.model)
-    init.setdefault("cache_dir", args.cache_dir)
-    init["num_workers"] = args.num_workers
-    if args.batch_size:
-        init["val_batch_size"] = args.batch_size
-    if "digits" in init:
-        init["digits"] = _digits_config(init["digits"])
-    dm = instantiate({"class_path": spec["class_path"], "init_args": init})
-    dm.prepare_data()
-    dm.setup("validate")
-    return dm.val_dataloader()
-
-
-def compare_command(argv: list[str]) -> int:
-    """``python -m lightning_lvp compare ...``; returns the exit code (2: results exist, no --overwrite)."""
-    args = _parser().parse_args(argv)
-    settings = compare_settings(args)
-    done, refusal = previous_rows(Path(args.out), settings, args.overwrite)
-    if refusal:
-        print(f"compare: {refusal}", file=sys.stderr)
-        return 2
-    pruned = PrunedLlava.from_pretrained(args.model, args.pruners, device=args.device)
-    llava, lvp = pruned.llava, pruned.method
-    loader = build_val_loader(args)
-    knee_layer = args.knee_layer or None
-    knee = dict(
-        llm_layer=knee_layer, keep_ratio=args.knee_keep_ratio, min_keep=args.knee_min_keep, max_keep=args.knee_max_keep
-    )
-    meta = {
-        "command": "python -m lightning_lvp compare " + shlex.join(argv),
-        "model": args.model,
-        "pruners": args.pruners,
-        "settings": settings,
-        "notes": "TFLOPs per sample (mean over the first --flops-samples samples, one at a time, LM head on the "
-        "last position). Kept vision tokens: mean per sample after the last stage, and the kept fraction "
-        "averaged over the LLM layers. FastV's keep ratio matches that layer mean of LVPruning at "
-        f"rho {args.match_rho:g}; random/uniform use LVPruning's points and schedule at rho {args.match_rho:g}. "
-        "Peers (name_T): VisionZip, DivPrune (LLM input) and DART (after layer 2) keep the share T/576 of the "
-        "vision tokens; PyramidDrop (layers L/4, L/2, 3L/4) has layer-mean kept share T/576 (rows it cannot reach "
-        "are skipped). Kept vision counts image patches: VisionZip's CLS token (one more LLM token) is not one.",
-    }
-    rows = run_comparison(
-        llava,
-        lvp,
-        loader,
-        parse_rhos(",".join(args.rhos)),
-        args.match_rho,
-        args.fastv_k,
-        knee,
-        args.seed,
-        args.max_batches,
-        args.flops_samples,
-        [x for x in args.peers.split(",") if x],
-        [int(x) for x in args.peer_tokens.split(",") if x],
-        done=done,
-        on_row=lambda rows: write_results(rows, args.out, {**meta, "complete": False}, overwrite=True),
-    )
-    paths = write_results(rows, args.out, {**meta, "complete": True}, overwrite=True)
-    print(markdown_table(rows))
-    print("\n".join(f"wrote {p}" for p in paths))
-    return 0
-
-
-def main() -> int:  # pragma: no cover - convenience entry
-    logging.basicConfig(level=logging.INFO)
-    return compare_command(sys.argv[1:])
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())

@@ -1,13 +1,12 @@
 """The CPU demo's tiny LLaVA: a model folder (config + processor) that `fit` trains from scratch.
 
-``python -m lightning_lvp.demo init assets/demo_init`` writes the folder used by
+``python -m lightning_lvp demo init assets/demo_init`` writes the folder used by
 ``experiments/demo_base.yaml`` (which trains the base and saves it to ``assets/demo_base``);
 ``experiments/demo.yaml`` then trains the pruners on the frozen ``assets/demo_base``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -50,16 +49,9 @@ def init_demo_folder(folder: str | Path, spec: TinyLlavaSpec = DEMO_SPEC, overwr
     return folder
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lightning_lvp.demo", description=__doc__)
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    init = sub.add_parser("init", help="write the demo model folder (config + processor)")
-    init.add_argument("folder", help="output folder, e.g. assets/demo_init")
-    init.add_argument("--overwrite", action="store_true", help="replace an existing config")
-    args = parser.parse_args(argv)
-    print(f"wrote {init_demo_folder(args.folder, overwrite=args.overwrite)}")
-    return 0
+if __name__ == "__main__":  # the old spelling ``python -m lightning_lvp.demo init FOLDER``
+    import sys
 
+    from lightning_lvp.commands.demo import main
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,4 +1,5 @@
-"""``python -m lightning_lvp export --ckpt_path CKPT --out DIR``: pruner weights from any checkpoint.
+"""Pruner weights from any checkpoint (``python -m lightning_lvp export --ckpt_path CKPT --out DIR``,
+lightning_lvp/commands/export.py).
 
 Works with a Lightning ``.ckpt`` file and with a DeepSpeed (ZeRO-2/3, sharded) checkpoint folder,
 which is first consolidated with Lightning's ``convert_zero_checkpoint_to_fp32_state_dict``. The
@@ -8,15 +9,14 @@ output (``pruners.safetensors`` + ``pruners.json``) loads on a single device wit
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lightning_lvp.adapter import TextDims
 from lightning_lvp.checkpoint import load_checkpoint_file
+from lightning_lvp.families.base import TextDims
 from lightning_lvp.io import instantiate, save_pruners
 
 PREFIX = "method."
@@ -52,6 +52,8 @@ def pruner_state(checkpoint: dict[str, Any]) -> tuple[dict[str, Any], TextDims, 
     weights = {}
     for key, value in state.items():
         key = key.removeprefix("_forward_module.")
+        if key.startswith("model." + PREFIX):  # ZeRO consolidation names parameters by module path (#12)
+            key = key.removeprefix("model.")
         if key.startswith(PREFIX):
             weights[key[len(PREFIX) :]] = value
     if not weights:
@@ -71,14 +73,3 @@ def export_pruners(ckpt_path: str | Path, out: str | Path, overwrite: bool = Fal
     method.family = checkpoint["lvp_method"].get("family")  # checkpoints before #14 have none
     method.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in weights.items()})
     return save_pruners(method, out, overwrite=overwrite)
-
-
-def export_command(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lightning_lvp export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ckpt_path", required=True, help="Lightning .ckpt file or DeepSpeed checkpoint folder")
-    parser.add_argument("--out", required=True, help="output folder for pruners.safetensors + pruners.json")
-    parser.add_argument("--overwrite", action="store_true", help="replace pruners already in --out")
-    args = parser.parse_args(argv)
-    folder = export_pruners(args.ckpt_path, args.out, args.overwrite)
-    print(f"wrote {folder / 'pruners.safetensors'} and {folder / 'pruners.json'}")
-    return 0

@@ -18,11 +18,7 @@ forward: its kept counts are read with ``.item()``. For methods whose counts dep
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import os
-import sys
 from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,7 +33,6 @@ from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_backwa
 from lightning_lvp import adapter
 from lightning_lvp.io import instantiate
 from lightning_lvp.model import PrunedLlava
-from lightning_lvp.schedules import PAPER_RHOS, paper_schedules, parse_schedules
 
 if TYPE_CHECKING:
     from transformers import LlavaConfig
@@ -439,76 +434,7 @@ def paper_tflops(schedule: Sequence[float] | None) -> float | None:
     return PAPER_TFLOPS.get(key)
 
 
-# --------------------------------------------------------------------------------------- command
-def _sweep_callback(cfg: dict[str, Any]) -> dict[str, Any] | None:
-    """init_args of a ``RatioSweep`` callback in ``trainer.callbacks``, if any."""
-    callbacks = ((cfg.get("trainer") or {}).get("callbacks")) or []
-    for cb in callbacks if isinstance(callbacks, list) else [callbacks]:
-        if isinstance(cb, dict) and str(cb.get("class_path", "")).endswith("RatioSweep"):
-            return cb.get("init_args") or {}
-    return None
-
-
-def load_experiment(path: str) -> dict[str, Any]:
-    """``model`` (config source), ``method`` and ``schedules`` of an experiments YAML.
-
-    Accepts LightningCLI's ``model: {class_path, init_args: {...}}``, a bare ``model: {...}`` or the
-    keys at the top level; ``${...}`` interpolations are resolved. ``model_config`` wins over
-    ``model_path``. Schedules: ``sweep_schedules``, else the ``RatioSweep`` callback's ``schedules``
-    or ``rhos`` (each rho -> [rho, rho-0.2, rho-0.4, ...], METHOD §2), else the method's keep_ratios.
-    """
-    from omegaconf import OmegaConf
-
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"config {path!r} not found")
-    cfg = OmegaConf.to_container(OmegaConf.load(path), resolve=True) or {}
-    model = cfg.get("model", cfg) or {}
-    args = {**model, **(model.get("init_args") or {})}
-    method = args.get("method")
-    if isinstance(method, str):
-        method = {"class_path": method}
-    schedules = args.get("sweep_schedules")
-    sweep = _sweep_callback(cfg)
-    if schedules is None and method is not None:
-        stages = instantiate(method).num_stages
-        if sweep and sweep.get("schedules"):
-            schedules = sweep["schedules"]
-        elif sweep is not None:
-            schedules = paper_schedules(sweep.get("rhos", PAPER_RHOS), stages)
-        else:
-            schedules = [instantiate(method).keep_ratios]
-    return {"model": args.get("model_config") or args.get("model_path"), "method": method, "schedules": schedules}
-
-
-def parse_schedule_args(texts: Sequence[str], method: dict[str, Any] | None) -> list[list[float | None]]:
-    """``--schedules`` arguments in the common syntax (:mod:`lightning_lvp.schedules`), ``paper:`` included."""
-    stages = instantiate(method).num_stages if method is not None else None
-    try:
-        return [sched for text in texts for sched in parse_schedules(text, stages, allow_base=False)]
-    except ValueError as err:
-        raise SystemExit(f"flops: --schedules: {err}") from err
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m lightning_lvp flops",
-        description="FLOPs of the pruned inference forward for 1 image + N text tokens, per inference schedule "
-        "(weightless 7B build; see docs/BENCHMARKS.md).",
-    )
-    p.add_argument("-c", "--config", help="experiments YAML (model_path / model_config, method, sweep_schedules)")
-    p.add_argument("--model-config", help="LLaVA config: hub id, config.json or model folder (overrides the YAML)")
-    p.add_argument(
-        "--schedules",
-        nargs="+",
-        help="schedules such as 0.5,0.3,0.1 or paper:0.5 (override; ';' or spaces between several)",
-    )
-    p.add_argument("--text-tokens", type=int, default=30, help="text tokens beside the image (paper: 30)")
-    p.add_argument("--convention", choices=PRUNER_CONVENTIONS, default="alive", help="pruner FLOPs convention")
-    p.add_argument("--lm-head", choices=LM_HEAD_MODES, default="last", help="positions the LM head is counted on")
-    p.add_argument("--json", action="store_true", help="print a JSON list (one object per schedule)")
-    return p
-
-
+# ------------------------------------------------------------------------------------------ table
 def format_table(rows: list[dict[str, Any]], with_paper: bool) -> str:
     """Plain-text table of :func:`count_schedules` rows."""
     head = f"{'schedule':<22}{'TFLOPs':>8}{'change':>9}" + "".join(f"{c:>13}" for c in COMPONENTS)
@@ -523,32 +449,3 @@ def format_table(rows: list[dict[str, Any]], with_paper: bool) -> str:
             line += f"{r['paper_tflops']:>8.2f} ({100 * (r['tflops'] / r['paper_tflops'] - 1):+.1f}%)"
         lines.append(line)
     return "\n".join(lines)
-
-
-def flops_command(argv: list[str]) -> int:
-    """``python -m lightning_lvp flops -c experiments/X.yaml [--json] ...``; returns the exit code."""
-    args = _parser().parse_args(argv)
-    spec = load_experiment(args.config) if args.config else {"model": None, "method": None, "schedules": None}
-    model = args.model_config or spec["model"] or "llava-hf/llava-1.5-7b-hf"
-    method = spec["method"]
-    schedules = parse_schedule_args(args.schedules, method) if args.schedules else spec["schedules"]
-    if schedules and method is None:
-        raise SystemExit("flops: schedules given but the config names no model.method to prune with")
-    config = resolve_model_config(model)
-    try:
-        rows = count_config(config, method, schedules or [], args.text_tokens, args.lm_head, args.convention)
-    except ValueError as err:  # e.g. a data-dependent schedule, or all_vision without decision modules
-        print(f"flops: {err}", file=sys.stderr)
-        return 2
-    paper = model.lower() in SHIPPED_CONFIGS and args.text_tokens == 30
-    convention = {**CONVENTION, "lm_head": LM_HEAD_TEXT[args.lm_head], "pruners": PRUNER_TEXT[args.convention]}
-    convention["input"] = f"1 image + {args.text_tokens} text tokens, batch 1; model {model}"
-    for r in rows:
-        r["paper_tflops"] = paper_tflops(r["schedule"]) if paper else None
-        r["convention"] = convention
-    if args.json:
-        print(json.dumps(rows, indent=1))
-    else:
-        print(format_table(rows, paper))
-        print("\n".join(f"  {k}: {v}" for k, v in convention.items()))
-    return 0

@@ -1,6 +1,6 @@
 """Capacity probes on a frozen base: can its hidden states say WHICH patch a question needs, and WHERE a patch is?
 
-``python -m lightning_lvp probe relevance -c experiments/demo.yaml`` trains a
+``python -m lightning_lvp probe relevance -c experiments/demo.yaml`` (lightning_lvp/commands/probe.py) trains a
 :class:`~lightning_lvp.decision.DecisionModule` (the LVPruning module) with a DIRECT label: binary
 cross-entropy between its keep/drop log-odds and the data set's relevant patches (``relevant_mask``
 of the batch), on the frozen base's hidden states at one pruning point (0 = LLM input, l = after
@@ -18,18 +18,14 @@ Pure PyTorch over the adapter (no Lightning). Both print a table and can write J
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-import yaml
 
 from lightning_lvp import adapter
 from lightning_lvp.decision import DecisionModule
@@ -39,7 +35,6 @@ from lightning_lvp.model import PrunedLlava
 from lightning_lvp.state import SeqState, causal_mask, gather_rows, pack_index
 
 log = logging.getLogger(__name__)
-DEFAULT_CONFIG = "experiments/demo.yaml"
 
 
 # ------------------------------------------------------------------------------ hidden states
@@ -402,169 +397,13 @@ def position_probe(
     return rows
 
 
-# -------------------------------------------------------------------------------- command line
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """``"digits.question_types=[cell]"`` -> (["digits", "question_types"], ["cell"]) (value read as YAML)."""
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise ValueError(f"--data_set takes KEY=VALUE (e.g. digits.question_types=[cell]), got {text!r}")
-    return key.split("."), yaml.safe_load(value)
-
-
-def data_overrides(items: Sequence[str]) -> dict[str, Any]:
-    """Nested init_args overrides of the data section from ``KEY=VALUE`` items."""
-    out: dict[str, Any] = {}
-    for item in items:
-        path, value = parse_override(item)
-        node = out
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = value
-    return out
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = _merge(out.get(key) or {}, value) if isinstance(value, dict) else value
-    return out
-
-
-def load_setup(config: str, model_path: str | None, overrides: Sequence[str], batch_size: int | None, device: str):
-    """The frozen base, the data module and the method spec of an experiments YAML.
-
-    Returns:
-        (model, datamodule, method or None).
-    """
-    from lightning_lvp.io import instantiate
-    from lightning_lvp.sweep import _init_args, build_datamodule, load_experiment
-
-    cfg = load_experiment(config)
-    model_args = _init_args(cfg["model"])
-    path = model_path or model_args["model_path"]
-    llava = adapter.load_llava(path, device=device)
-    model = PrunedLlava(llava, None).eval()
-    data = _init_args(cfg["data"])
-    extra = data_overrides(overrides)
-    if "digits" in extra:
-        extra["digits"] = _merge(data.get("digits") or {}, extra["digits"])
-    extra = {"num_workers": 0, **extra}
-    if batch_size:
-        extra.update(batch_size=batch_size, val_batch_size=batch_size)
-    dm = build_datamodule(cfg, path, extra)
-    method = instantiate(model_args["method"]) if model_args.get("method") else None
-    return model, dm, method
-
-
+# ------------------------------------------------------------------------------- tables
 def default_k(method, n_vision: int) -> int:
     """The last-stage kept count of the method's default schedule, round(rho_last x N) (METHOD §4);
     0.1 (LVPruning's default last ratio) when the config has no method or the method sets its own count."""
     ratios = getattr(method, "keep_ratios", None) or [None]
     ratio = ratios[-1] if ratios[-1] is not None else 0.1
     return int(keep_counts(ratio, torch.tensor([n_vision]), len(ratios) - 1)[0])
-
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "-c", "--config", default=DEFAULT_CONFIG, help="experiments YAML: its model_path, data section (and method)"
-    )
-    p.add_argument("--model_path", default=None, help="base model folder (default: the config's model.model_path)")
-    p.add_argument(
-        "--data_set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a data init arg, value read as YAML (repeatable), e.g. digits.question_types=[cell,row_count]",
-    )
-    p.add_argument("--batch_size", type=int, default=32, help="batch size of the training and validation batches")
-    p.add_argument("--seed", type=int, default=0, help="seed")
-    p.add_argument("--device", default="cpu", help="torch device")
-    p.add_argument("--json", default=None, help="also write the results to this JSON file")
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lightning_lvp probe", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="probe", required=True)
-    rel = sub.add_parser("relevance", help="DecisionModule trained on the direct relevant-patch label: top-k recall")
-    _common(rel)
-    rel.add_argument(
-        "--after_layer",
-        type=int,
-        nargs="+",
-        default=None,
-        help="pruning point(s): 0 = LLM input, l = after LLM layer l (default: the method's first)",
-    )
-    rel.add_argument("--k", type=int, default=None, help="top-k of the recall (default: the method's last-stage count)")
-    rel.add_argument("--steps", type=int, default=300, help="optimizer steps")
-    rel.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
-    rel.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
-    rel.add_argument("--pos_weight", type=float, default=1.0, help="BCE weight of the relevant class")
-    rel.add_argument("--dim", type=int, default=None, help="module width (default: the method's, else the LLM width)")
-    rel.add_argument("--num_heads", type=int, default=None, help="heads per block (default: the method's, else 4)")
-    rel.add_argument(
-        "--num_blocks", type=int, default=None, help="cross-attention blocks (default: the method's, else 2)"
-    )
-    rel.add_argument("--ffn_mult", type=int, default=None, help="FFN expansion (default: the method's, else 2)")
-    rel.add_argument(
-        "--input_norm",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="LayerNorm on the LLM hidden states before the module (default: the method's, else off)",
-    )
-    rel.add_argument(
-        "--rotary",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="RoPE at the original positions in the module's attention (default: the method's, else off)",
-    )
-    rel.add_argument("--eval_batches", type=int, default=4, help="validation batches scored")
-    rel.add_argument("--eval_every", type=int, default=0, help="also score every N steps (0: only at the end)")
-    rel.add_argument(
-        "--oracle_position",
-        action="store_true",
-        help="add a fixed random code per patch index to the module's vision input (tests the module)",
-    )
-    pos = sub.add_parser("position", help="linear classifier of the patch index from vision hidden states")
-    _common(pos)
-    pos.add_argument(
-        "--layers", type=int, nargs="+", default=[0, 1], help="depths: 0 = LLM input, l = after LLM layer l"
-    )
-    pos.add_argument("--train_batches", type=int, default=6, help="training batches of features")
-    pos.add_argument("--val_batches", type=int, default=2, help="held-out (validation split) batches")
-    pos.add_argument("--steps", type=int, default=300, help="full-batch Adam steps")
-    pos.add_argument("--lr", type=float, default=1e-2, help="Adam learning rate")
-    return p
-
-
-def relevance_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Runs the relevance probe at every ``--after_layer``."""
-    model, dm, method = load_setup(args.config, args.model_path, args.data_set, args.batch_size, args.device)
-    n_vision = int(dm.num_image_tokens)
-    arch = dict(getattr(method, "arch", {}) or {})
-    depths = args.after_layer or [method.after_layers[0] if method is not None else 0]
-    rows = []
-    for depth in depths:
-        settings = RelevanceProbeArgs(
-            depth=depth,
-            k=args.k or default_k(method, n_vision),
-            steps=args.steps,
-            lr=args.lr,
-            weight_decay=args.weight_decay,
-            pos_weight=args.pos_weight,
-            dim=args.dim if args.dim is not None else arch.get("dim"),
-            num_heads=args.num_heads or arch.get("num_heads", 4),
-            num_blocks=args.num_blocks or arch.get("num_blocks", 2),
-            ffn_mult=args.ffn_mult or arch.get("ffn_mult", 2),
-            input_norm=args.input_norm if args.input_norm is not None else arch.get("input_norm", False),
-            rotary=args.rotary if args.rotary is not None else arch.get("rotary", False),
-            eval_batches=args.eval_batches,
-            eval_every=args.eval_every,
-            oracle_position=args.oracle_position,
-            seed=args.seed,
-        )
-        torch.manual_seed(args.seed)  # training-batch order
-        rows.append(relevance_probe(model, dm.train_dataloader(), dm.val_dataloader(), settings))
-    return rows
 
 
 def format_relevance(rows: Sequence[dict[str, Any]]) -> str:
@@ -592,36 +431,3 @@ def format_position(rows: Sequence[dict[str, Any]]) -> str:
             f"{r['classes']:>8} {r['n_val']:>7}"
         )
     return "\n".join(lines)
-
-
-def probe_command(argv: list[str]) -> int:
-    """``python -m lightning_lvp probe {relevance,position} ...``; prints the table, optionally writes JSON."""
-    args = _parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
-    torch.manual_seed(args.seed)
-    if args.probe == "relevance":
-        rows = relevance_rows(args)
-        table = format_relevance(rows)
-    else:
-        model, dm, _ = load_setup(args.config, args.model_path, args.data_set, args.batch_size, args.device)
-        rows = position_probe(
-            model,
-            dm.train_dataloader(),
-            dm.val_dataloader(),
-            args.layers,
-            args.train_batches,
-            args.val_batches,
-            args.steps,
-            args.lr,
-            args.seed,
-        )
-        table = format_position(rows)
-    print(table)
-    if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"probe": args.probe, "config": args.config, "model_path": args.model_path, "data_set": args.data_set}
-        path.write_text(json.dumps({**meta, "rows": rows}, indent=2))
-        print(f"wrote {path}")
-    return 0

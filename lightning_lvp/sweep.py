@@ -1,4 +1,5 @@
-"""``python -m lightning_lvp sweep -c CONFIG --pruners DIR_OR_CKPT``: "how far can I prune?".
+"""The ratio-sweep job behind ``python -m lightning_lvp sweep -c CONFIG --pruners DIR_OR_CKPT``
+(lightning_lvp/commands/sweep.py): "how far can I prune?".
 
 Evaluates a list or range of inference schedules on the config's validation data with the
 token-REMOVING inference path and writes, per schedule, the accuracy, TFLOPs (token-removing
@@ -15,16 +16,13 @@ results.json last, after each schedule; TensorBoard is rebuilt from it on resume
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import logging
 from pathlib import Path
 from typing import Any
 
-import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
-from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from lightning_lvp.checkpoint import atomic_save_figure, atomic_write, atomic_write_text
@@ -36,55 +34,11 @@ from lightning_lvp.eval.teacher_forced import (
     relevance_columns,
     relevance_metrics,
 )
-from lightning_lvp.io import instantiate, load_method  # noqa: F401  (load_method: old import path)
+from lightning_lvp.io import load_method  # noqa: F401  (load_method: old import path)
 from lightning_lvp.model import PrunedLlava
-from lightning_lvp.schedules import MIN_RATIO, PAPER_STEP, paper_schedules, parse_rhos, parse_schedules
 
 log = logging.getLogger(__name__)
 RESULTS = "results.json"
-
-
-def parse_range(text: str) -> list[float]:
-    """``"0.3:0.8:0.05"`` -> [0.3, 0.35, ..., 0.8] (inclusive); ``"0.6,0.5"`` -> [0.6, 0.5] (:func:`parse_rhos`)."""
-    return parse_rhos(text)
-
-
-def build_schedules(
-    rhos: list[float], explicit: list[str], stages: int, step: float = PAPER_STEP, min_ratio: float = MIN_RATIO
-) -> list[list[float]]:
-    """The paper's schedule of each rho (floored at ``min_ratio``), then each explicit ``SPEC``
-    (``"0.5,0.3,0.1"``, ``"paper:0.5"``, ``"a,b,c;d,e,f"``; see :mod:`lightning_lvp.schedules`)."""
-    schedules = paper_schedules(rhos, stages, step, min_ratio)
-    for text in explicit:
-        schedules += parse_schedules(text, stages, step, min_ratio, allow_base=False)
-    return schedules
-
-
-def load_experiment(config_path: str) -> dict[str, Any]:
-    """The ``model`` and ``data`` sections of an experiments YAML (``${...}`` resolved)."""
-    cfg = OmegaConf.to_container(OmegaConf.load(config_path), resolve=True)
-    for section in ("model", "data"):
-        if section not in cfg:
-            raise ValueError(f"{config_path} has no '{section}' section")
-    return cfg
-
-
-def _init_args(section: dict[str, Any]) -> dict[str, Any]:
-    return dict(section.get("init_args", section))
-
-
-def build_datamodule(cfg: dict[str, Any], model_path: str, overrides: dict[str, Any]):
-    data = cfg["data"]
-    args = {**_init_args(data), "processor_path": model_path, **overrides}
-    if isinstance(args.get("digits"), dict):
-        from lightning_lvp.data.digits import DigitsConfig
-
-        args["digits"] = DigitsConfig(**args["digits"])
-    spec = {"class_path": data.get("class_path", "lightning_lvp.data.datamodule.LlavaDataModule"), "init_args": args}
-    dm = instantiate(spec)
-    dm.prepare_data()
-    dm.setup("validate")
-    return dm
 
 
 def check_settings(out: Path, settings: dict[str, Any], overwrite: bool) -> list[dict[str, Any]]:
@@ -136,25 +90,33 @@ def evaluate_one(model: PrunedLlava, loader, first_batch, ratios, max_batches) -
     return res
 
 
-def run_sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
-    cfg = load_experiment(args.config)
-    model_args = _init_args(cfg["model"])
-    model_path = args.model_path or model_args["model_path"]
-    model = PrunedLlava.from_pretrained(model_path, args.pruners)
+def run_sweep(
+    model: PrunedLlava,
+    loader,
+    schedules: list[list[float | None]],
+    settings: dict[str, Any],
+    out: str | Path,
+    include_base: bool = True,
+    max_batches: int | None = None,
+    overwrite: bool = False,
+) -> list[dict[str, Any]]:
+    """Evaluates the unpruned model (``include_base``) and each schedule on ``loader``, writing the results
+    into ``out`` after every row; rows already there with the same ``settings`` are reused.
+
+    Args:
+        model: the pruned model (its method is the one swept; dropped for the base row).
+        loader: validation batches with labels.
+        schedules: the inference schedules (:mod:`lightning_lvp.schedules`).
+        settings: what the rows are measured with (:func:`measurement_settings`).
+        max_batches: validation batches per schedule (None: all).
+        overwrite: discard results of other settings in ``out``.
+    """
     method = model.method
-    overrides = {"val_batch_size": args.batch_size, "num_workers": args.num_workers}
-    dm = build_datamodule(cfg, model_path, overrides)
-    loader = dm.val_dataloader()
     first = next(iter(loader))
-    schedules = build_schedules(
-        parse_range(args.rhos) if args.rhos else [], args.schedule, method.num_stages, args.step, args.min_ratio
-    )
-    settings = measurement_settings(args.config, args.pruners, model_path, batch_size=args.batch_size,
-                                    max_batches=args.max_batches)  # fmt: skip
-    out = Path(args.out)
-    rows = check_settings(out, settings, args.overwrite)
+    out = Path(out)
+    rows = check_settings(out, settings, overwrite)
     done = {json.dumps(r["ratios"]) for r in rows}
-    todo = ([None] if args.include_base else []) + schedules
+    todo = ([None] if include_base else []) + [s for s in schedules if s is not None]
     writer = _tensorboard(out, rows)
     for sched in tqdm(todo, desc="sweep", unit="schedule"):
         if json.dumps(sched) in done:
@@ -162,10 +124,10 @@ def run_sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
             continue
         if sched is None:
             model.method = None
-            res = evaluate_one(model, loader, first, None, args.max_batches)
+            res = evaluate_one(model, loader, first, None, max_batches)
             model.method = method
         else:
-            res = evaluate_one(model, loader, first, sched, args.max_batches)
+            res = evaluate_one(model, loader, first, sched, max_batches)
         res["name"] = "base" if sched is None else "[" + ", ".join(f"{r:g}" for r in sched) + "]"
         res["ratios"] = sched
         if rows and res["n"] != rows[0]["n"]:
@@ -183,7 +145,7 @@ def run_sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-def measurement_settings(config: str, pruners: str, model_path: str, **numbers: Any) -> dict[str, Any]:
+def measurement_settings(config: str | None, pruners: str, model_path: str, **numbers: Any) -> dict[str, Any]:
     """What a row of results was measured with: the config (path and sha256 of its text), the pruners (path
     and sha256 of their files, see :func:`pruners_fingerprint`), the model (path and fingerprint) and the
     numbers that change what is measured (batch size, batch limit, ...). Two folders' rows mix only when
@@ -193,8 +155,8 @@ def measurement_settings(config: str, pruners: str, model_path: str, **numbers: 
     pruner_path = Path(pruners)
     pruner_hash = pruner_source_fingerprint(pruners)
     return {
-        "config": str(Path(config).resolve()),
-        "config_sha256": file_fingerprint(Path(config)),
+        "config": ";".join(str(Path(c).resolve()) for c in config.split(";")) if config else None,
+        "config_sha256": ";".join(file_fingerprint(Path(c)) for c in config.split(";")) if config else None,
         "pruners": str(pruner_path.resolve()) if pruner_path.exists() else pruners,
         "pruners_sha256": pruner_hash,
         "model_path": model_path,
@@ -249,49 +211,21 @@ def _tensorboard(out: Path, rows: list[dict[str, Any]]):
     return writer
 
 
-def sweep_command(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m lightning_lvp sweep", description=__doc__.split("\n\n")[0])
-    p.add_argument("-c", "--config", required=True, help="experiments YAML (its model_path and data section are used)")
-    p.add_argument(
-        "--pruners", required=True, help="exported pruner folder or a training checkpoint (.ckpt / DeepSpeed dir)"
-    )
-    p.add_argument("--rhos", default="0.3:0.8:0.05", help="first-stage ratios: START:STOP:STEP or a comma list")
-    p.add_argument("--step", type=float, default=0.2, help="ratio decrease per stage: [rho, rho-step, rho-2*step]")
-    p.add_argument("--min_ratio", type=float, default=0.05, help="stage ratios below this are clipped up to it")
-    p.add_argument(
-        "--schedule",
-        action="append",
-        default=[],
-        help="schedules in the common syntax: 'a,b,c', 'paper:0.5', ';' between several (repeatable)",
-    )
-    p.add_argument("--no_base", dest="include_base", action="store_false", help="skip the unpruned model")
-    p.add_argument("--model_path", default=None, help="override the config's model.model_path")
-    p.add_argument("--max_batches", type=int, default=None, help="validation batches per schedule (default: all)")
-    p.add_argument("--batch_size", type=int, default=32, help="validation batch size")
-    p.add_argument("--num_workers", type=int, default=0, help="data loader workers")
-    p.add_argument(
-        "--out", default="runs/sweep", help="output folder (resumed if it holds results of the same settings)"
-    )
-    p.add_argument("--overwrite", action="store_true", help="discard results of other settings in --out")
-    args = p.parse_args(argv)
-    torch.set_grad_enabled(False)
-    rows = run_sweep(args)
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """The sweep's rows as a plain-text table (relevance columns on data with relevant patches)."""
     relevance = bool(relevance_columns(rows))
     extra = f" {'relevant kept':>16} {'kept overlap':>16}" if relevance else ""
-    print(f"{'schedule':<22} {'accuracy':>9} {'n':>6} {'TFLOPs':>10} {'kept tokens':>22} {'ms/sample':>10}{extra}")
+    lines = [f"{'schedule':<22} {'accuracy':>9} {'n':>6} {'TFLOPs':>10} {'kept tokens':>22} {'ms/sample':>10}{extra}"]
     for r in rows:
         kept = ",".join(f"{k:.1f}" for k in r["kept_tokens"])
         line = (f"{r['name']:<22} {100 * r['accuracy']:>8.1f}% {r['n']:>6} {r['tflops']:>10.2e} {kept:>22} "
                 f"{r['ms_per_sample']:>10.2f}")  # fmt: skip
         if relevance:
             line += f" {per_stage_text(r.get('relevant_kept')):>16} {per_stage_text(r.get('kept_overlap')):>16}"
-        print(line)
+        lines.append(line)
     if relevance:
-        print(
+        lines.append(
             "relevant kept / kept overlap per stage: recall of the relevant patches; Jaccard of the kept sets "
             "of two questions about one image (1.00 = question-blind)"
         )
-    print(
-        f"results: {Path(args.out) / RESULTS}, {Path(args.out) / 'results.csv'}, {Path(args.out) / 'acc_vs_tflops.png'}"
-    )
-    return 0
+    return "\n".join(lines)

@@ -243,7 +243,8 @@ def evaluate_command(model: str, pruners: str | None, root: Path, q: Path, gt: P
         "--answers",
         str(answers),
         "--overwrite",
-        "--no_prompt_suffix",
+        "--prompt_suffix",
+        "false",
     ]
     return cmd + (["--pruners", pruners] if pruners else [])
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from cli_fixtures import small_data_args, tiny_model_folder
 
-from lightning_lvp.cli import main
+from lightning_lvp.cli import main, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -145,3 +145,141 @@ def test_demo_base_config_reproduces_a_loadable_base(tmp_path):
     assert (out / "tokenizer.json").read_text() == (REPO / "assets" / "demo_base" / "tokenizer.json").read_text()
     model = adapter.load_llava(str(out))  # loads with our attention, frozen
     assert not any(p.requires_grad for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------ commands (jsonargparse)
+def command_functions():
+    """Every command function of ``python -m lightning_lvp`` and the arguments a parse needs besides ``-c``."""
+    from lightning_lvp.commands import compare, demo, evaluate, export, flops, probe, sweep
+
+    return {
+        "flops": (flops.flops, []),
+        "sweep": (sweep.sweep, ["--pruners", "p"]),
+        "compare": (compare.compare, ["--pruners", "p", "--out", "o"]),
+        "export": (export.export, ["--ckpt_path", "x.ckpt", "--out", "o"]),
+        "evaluate": (evaluate.evaluate, ["--benchmark", "gqa", "--questions", "q", "--image_folder", "i", "--answers", "a"]),
+        "probe relevance": (probe.relevance, []),
+        "probe position": (probe.position, []),
+        "demo init": (demo.init, ["some/folder"]),
+    }
+
+
+def documented_args(function) -> dict[str, str]:
+    """The ``Args:`` section of a Google-style docstring: name -> first words of its text."""
+    import inspect
+    import re
+
+    doc = inspect.getdoc(function).split("Args:\n", 1)[1]
+    return {m.group(1): m.group(2).split(".")[0][:30] for m in re.finditer(r"^    (\w+): (.+)$", doc, re.M)}
+
+
+def test_top_level_help_lists_every_command(capsys):
+    from lightning_lvp.commands import COMMANDS
+
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    for name in ("fit", "validate", "test", "predict", *COMMANDS):
+        assert f"\n  {name} " in text, name
+    assert main(["no_such_command"]) == 2 and "unknown command" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", list(command_functions()))
+def test_command_help_documents_every_argument(name, capsys):
+    """Each typed argument has a docstring entry and appears in --help with that text (jsonargparse)."""
+    import inspect
+    import textwrap
+
+    function, _ = command_functions()[name]
+    params = [p for p in inspect.signature(function).parameters if p != "experiment"]
+    docs = documented_args(function)
+    assert sorted(docs) == sorted(params), f"{name}: docstring Args != signature"
+    with pytest.raises(SystemExit) as exit_:
+        main([*name.split(), "--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # help wraps lines
+    for param in params:
+        assert f"--{param}" in text or (name == "demo init" and param == "folder"), f"{name}: --{param}"
+        assert " ".join(textwrap.wrap(docs[param])) in text, f"{name}: help of {param}"
+    for section in ("-c CONFIG", "--model", "--data", "--trainer"):
+        assert section in text
+
+
+@pytest.mark.parametrize("name", list(command_functions()))
+def test_every_command_parses_the_demo_config(name):
+    """``-c experiments/demo.yaml``: the file fit takes, with model/data validated as fit validates them."""
+    from lightning_lvp.commands.experiment import Experiment, command_parser
+
+    function, required = command_functions()[name]
+    parser = command_parser(function, name, positional=name == "demo init")
+    cfg = parser.parse_args(["-c", str(REPO / "experiments" / "demo.yaml"), *required])
+    experiment = Experiment.from_namespace(cfg, [])
+    assert experiment.model_path() == "assets/demo_base"
+    assert cfg.data.init_args.processor_path == "assets/demo_base"  # linked as in fit
+    assert experiment.method_spec()["init_args"]["after_layers"] == [0, 2, 4]
+    assert experiment.schedules(None, 3) == [[0.6, 0.4, 0.2], [0.5, 0.3, 0.1], [0.45, 0.25, 0.05]]  # RatioSweep
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "experiments").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_parses_for_the_commands(path):
+    from lightning_lvp.commands.experiment import Experiment
+
+    experiment = Experiment.load(path)
+    if path.name != "zero3.yaml":  # an overlay on a paper config
+        assert experiment.model_path() and experiment.data is not None
+
+
+def test_flops_on_a_shipped_7b_config(capsys):
+    """The paper config names the hub id: its shipped architecture config is used (no download)."""
+    import json
+
+    assert main(["flops", "-c", str(REPO / "experiments" / "rho05.yaml"), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["schedule"] for r in rows] == [None, [0.6, 0.4, 0.2], [0.5, 0.3, 0.1], [0.45, 0.25, 0.05]]
+    assert [r["paper_tflops"] for r in rows] == [8.38, 3.97, 3.18, 2.79]
+
+
+@pytest.mark.parametrize(
+    "argv, new",
+    [
+        (["compare", "--model", "assets/demo_base", "--pruners", "p", "--out", "o"], "--model_path assets/demo_base"),
+        (["compare", "--data", "experiments/demo.yaml", "--pruners", "p", "--out", "o"], "-c experiments/demo.yaml"),
+        (["compare", "--match-rho", "0.5"], "--match_rho"),
+        (["compare", "--rhos", "0.6", "0.5"], "--schedules"),
+        (["compare", "--cache-dir", "c"], "--cache_dir"),
+        (["compare", "--knee-keep-ratio", "0.5"], "--knee_keep_ratio"),
+        (["evaluate", "--ratios", "paper:0.5"], "--schedules"),
+        (["evaluate", "--no_prompt_suffix"], "--prompt_suffix false"),
+        (["evaluate", "--image_folder", "a", "--image_folder", "b"], "--image_folder [a,b]"),
+        (["probe", "relevance", "--data_set", "digits.question_types=[cell]"], "--data.init_args.KEY=VALUE"),
+        (["probe", "relevance", "--no-rotary"], "--rotary false"),
+        (["probe", "relevance", "--after_layer", "0", "2"], "--after_layer [0,2]"),
+        (["sweep", "--rhos", "0.3:0.8:0.05"], "--schedules paper:"),
+        (["flops", "--model-config", "x"], "--model_config"),
+    ],
+)
+def test_old_spellings_fail_naming_the_new_one(argv, new, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and new in err, err
+
+
+def test_pseudo_keys_and_bad_values_fail_naming_the_field(tmp_path, capsys):
+    """A key fit rejects fails every command the same way; a bad value names its field (jsonargparse)."""
+    text = (REPO / "experiments" / "demo.yaml").read_text()
+    for key, where in (("sweep_schedules", "    lambda_causal: 1.0\n"), ("model_config", "    lambda_causal: 1.0\n")):
+        bad = tmp_path / f"{key}.yaml"
+        bad.write_text(text.replace(where, f"    {key}: x\n{where}"))
+        for argv in (["sweep", "--pruners", "p"], ["flops"], ["compare", "--pruners", "p", "--out", "o"]):
+            with pytest.raises(SystemExit):
+                main([*argv, "-c", str(bad)])
+            assert key in capsys.readouterr().err, (key, argv)
+        with pytest.raises(SystemExit):  # fit itself rejects it too
+            parse_config(["-c", str(bad)])
+        assert key in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["sweep", "-c", str(REPO / "experiments" / "demo.yaml"), "--pruners", "p", "--batch_size", "many"])
+    assert "batch_size" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["sweep", "-c", str(REPO / "experiments" / "demo.yaml"), "--pruners", "p", "--data.init_args.dataset=x"])
+    assert "dataset" in capsys.readouterr().err

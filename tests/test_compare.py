@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from lightning_lvp import adapter
+from lightning_lvp.cli import main
 from lightning_lvp.compare import (
     COLUMNS,
     RESULT_FILES,
     build_entries,
-    compare_command,
     layer_fractions,
     lvp_schedule,
     matched_single_stage_ratio,
@@ -163,12 +163,13 @@ def test_compare_command_end_to_end(tmp_path):
     data = tmp_path / "data.yaml"
     data.write_text(
         "data:\n  class_path: lightning_lvp.data.datamodule.LlavaDataModule\n  init_args:\n    dataset: digits\n"
+        f"    cache_dir: {tmp_path / 'cache'}\n"
         "    val_batch_size: 4\n    digits:\n      grid_size: 6\n      train_images: 2\n      val_images: 2\n"
         "      questions_per_type: 1\n"
     )
-    argv = ["--model", str(model_dir), "--pruners", str(tmp_path / "pruners"), "--out", str(tmp_path / "out")]
-    argv += ["--data", str(data), "--cache-dir", str(tmp_path / "cache"), "--flops-samples", "2", "--fastv-k", "1"]
-    assert compare_command(argv) == 0
+    argv = ["compare", "-c", str(data), "--model_path", str(model_dir), "--pruners", str(tmp_path / "pruners")]
+    argv += ["--out", str(tmp_path / "out"), "--flops_samples", "2", "--fastv_k", "1"]
+    assert main(argv) == 0
     with open(tmp_path / "out" / "comparison.csv") as f:
         rows = list(csv.DictReader(f))
     assert tuple(rows[0])[: len(COLUMNS)] == COLUMNS
@@ -189,5 +190,5 @@ def test_compare_command_end_to_end(tmp_path):
     tflops = {r["name"]: float(r["tflops"]) for r in rows}
     assert all(tflops[name] < tflops["base"] for name in tflops if name != "base")
     assert float(rows[0]["flops_change"]) == 0.0
-    assert compare_command(argv) == 2  # refuses to overwrite
-    assert compare_command([*argv, "--overwrite"]) == 0
+    assert main(argv) == 2  # refuses to overwrite
+    assert main([*argv, "--overwrite"]) == 0

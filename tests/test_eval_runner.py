@@ -57,10 +57,10 @@ def test_generate_answers_records(generator):
 
 
 def test_from_pretrained_and_the_evaluate_command_read_one_schedule_syntax(tmp_path, generator):
-    """``PrunedLlava.from_pretrained`` (the commands' one loader) + ``evaluate --ratios`` in both spellings."""
+    """``PrunedLlava.from_pretrained`` (the commands' one loader) + ``evaluate --schedules`` in both spellings."""
     import json
 
-    from lightning_lvp.eval.runner import evaluate_command
+    from lightning_lvp.cli import main
     from lightning_lvp.io import save_pruners
     from lightning_lvp.model import PrunedLlava
 
@@ -82,8 +82,8 @@ def test_from_pretrained_and_the_evaluate_command_read_one_schedule_syntax(tmp_p
     answers = {}
     for name, ratios in (("explicit", "0.5,0.3,0.1"), ("paper", "paper:0.5")):
         out = tmp_path / f"{name}.jsonl"
-        argv = ["--benchmark", "gqa", "--questions", str(tmp_path / "q.jsonl"), "--image_folder", root]
-        argv += ["--model_path", str(model_dir), "--pruners", str(tmp_path / "pruners"), "--ratios", ratios]
-        assert evaluate_command([*argv, "--max_new_tokens", "3", "--answers", str(out)]) == 0
+        argv = ["evaluate", "--benchmark", "gqa", "--questions", str(tmp_path / "q.jsonl"), "--image_folder", root]
+        argv += ["--model_path", str(model_dir), "--pruners", str(tmp_path / "pruners"), "--schedules", ratios]
+        assert main([*argv, "--max_new_tokens", "3", "--answers", str(out)]) == 0
         answers[name] = [json.loads(line)["text"] for line in out.read_text().splitlines()]
     assert len(answers["paper"]) == 3 and answers["paper"] == answers["explicit"]

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from lightning_lvp import adapter
 from lightning_lvp import flops as F
+from lightning_lvp.cli import main
+from lightning_lvp.commands.experiment import Experiment
 from lightning_lvp.io import instantiate
 from lightning_lvp.methods import ClsKneePruning, LVPruning
 from lightning_lvp.model import PrunedLlava
@@ -146,20 +149,20 @@ def _write_yaml(path, text: str):
     return str(path)
 
 
-def test_flops_command_json_7b(tmp_path, capsys):
-    """LightningCLI layout (model.init_args.X), the shipped 7B config, one schedule: JSON with the paper column."""
-    cfg = _write_yaml(
-        tmp_path / "rho05.yaml",
-        f"""
+def _model_section(model_path: str, method: dict) -> str:
+    return f"""
 model:
   class_path: lightning_lvp.lit_module.LVPModule
   init_args:
-    model_path: llava-hf/llava-1.5-7b-hf
-    method: {json.dumps(LVP_7B)}
-    sweep_schedules: [[0.5, 0.3, 0.1]]
-""",
-    )
-    assert F.flops_command(["-c", cfg, "--json"]) == 0
+    model_path: {model_path}
+    method: {json.dumps(method)}
+"""
+
+
+def test_flops_command_json_7b(tmp_path, capsys):
+    """fit's layout (model.init_args.X), the shipped 7B config, one schedule: JSON with the paper column."""
+    cfg = _write_yaml(tmp_path / "rho05.yaml", _model_section("llava-hf/llava-1.5-7b-hf", LVP_7B))
+    assert main(["flops", "-c", cfg, "--schedules", "0.5,0.3,0.1", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["schedule"] for r in rows] == [None, [0.5, 0.3, 0.1]]
     assert set(rows[1]["by_component"]) >= set(F.COMPONENTS)
@@ -169,64 +172,64 @@ model:
     assert "lm_head" in rows[0]["convention"] and "pruners" in rows[0]["convention"]
 
 
-def test_flops_command_flat_layout_and_overrides(tmp_path, capsys):
-    """``model.X`` layout, a config.json override, --schedules, --convention all_vision, the table output."""
+def test_flops_command_overrides(tmp_path, capsys):
+    """A --model_config override, --schedules, --convention all_vision, the table output."""
     config_json = tmp_path / "tiny.json"
     tiny_llava_config(TINY).to_json_file(str(config_json))
-    cfg = _write_yaml(
-        tmp_path / "flat.yaml",
-        f"""
-model:
-  model_path: some/unreachable-model
-  method: {json.dumps(LVP_TINY)}
-""",
-    )
-    argv = [
-        "-c",
-        cfg,
-        "--model-config",
-        str(config_json),
-        "--text-tokens",
-        "12",
-        "--schedules",
-        "0.6,0.4,0.2",
-        "0.5,0.3,0.1",
-    ]
-    assert F.flops_command([*argv, "--json", "--convention", "all_vision"]) == 0
+    cfg = _write_yaml(tmp_path / "tiny.yaml", _model_section("some/unreachable-model", LVP_TINY))
+    argv = ["flops", "-c", cfg, "--model_config", str(config_json), "--text_tokens", "12"]
+    assert main([*argv, "--schedules", "0.6,0.4,0.2;0.5,0.3,0.1", "--json", "--convention", "all_vision"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["schedule"] for r in rows] == [None, [0.6, 0.4, 0.2], [0.5, 0.3, 0.1]]
     assert rows[1]["by_component"]["pruners"] == rows[2]["by_component"]["pruners"] > 0  # all 64 tokens each time
     assert rows[0]["paper_tflops"] is None
-    assert F.flops_command(argv) == 0
+    assert main([*argv, "--schedules", "0.6,0.4,0.2;0.5,0.3,0.1"]) == 0
     table = capsys.readouterr().out
     assert "unpruned" in table and "[0.5, 0.3, 0.1]" in table and "pruners" in table
-    # the common schedule syntax (lightning_lvp/schedules.py): paper rule and ';' give the same rows
-    assert (
-        F.flops_command([*argv[:-3], "--schedules", "0.6,0.4,0.2;paper:0.5", "--json", "--convention", "all_vision"])
-        == 0
-    )
+    # the common schedule syntax (lightning_lvp/schedules.py): the paper rule gives the same rows
+    assert main([*argv, "--schedules", "0.6,0.4,0.2;paper:0.5", "--json", "--convention", "all_vision"]) == 0
     same = json.loads(capsys.readouterr().out)
     assert [r["schedule"] for r in same] == [None, [0.6, 0.4, 0.2], [0.5, 0.3, 0.1]]
     assert [r["tflops"] for r in same] == [r["tflops"] for r in rows]
+    # without --schedules and without a RatioSweep callback: the method's keep_ratios
+    assert main([*argv, "--json"]) == 0
+    assert [r["schedule"] for r in json.loads(capsys.readouterr().out)] == [None, [0.5, 0.3, 0.1]]
 
 
-def test_load_experiment_ratio_sweep_callback(tmp_path):
-    """Without sweep_schedules, the RatioSweep callback's rhos give [rho, rho-0.2, rho-0.4]."""
-    cfg = _write_yaml(
-        tmp_path / "cb.yaml",
-        f"""
+def test_flops_schedules_default_to_the_ratio_sweep_callback(tmp_path, capsys):
+    """Without --schedules, the RatioSweep callback's rhos give [rho, rho-0.2, rho-0.4] (its schedules win)."""
+    callbacks = """
 trainer:
   callbacks:
     - class_path: lightning_lvp.callbacks.RatioSweep
-      init_args: {{rhos: [0.6, 0.45]}}
-model:
-  class_path: lightning_lvp.lit_module.LVPModule
-  init_args:
-    model_path: llava-hf/llava-1.5-7b-hf
-    method: {json.dumps(LVP_7B)}
-""",
-    )
-    spec = F.load_experiment(cfg)
-    assert spec["schedules"] == [[0.6, 0.4, 0.2], [0.45, 0.25, 0.05]]
-    assert spec["model"] == "llava-hf/llava-1.5-7b-hf" and spec["method"]["class_path"] == LVP
-    assert isinstance(instantiate(spec["method"]), LVPruning)
+      init_args: {rhos: [0.6, 0.45]}
+"""
+    cfg = _write_yaml(tmp_path / "cb.yaml", callbacks + _model_section("llava-hf/llava-1.5-7b-hf", LVP_7B))
+    experiment = Experiment.load(cfg)
+    assert experiment.schedules(None, 3) == [[0.6, 0.4, 0.2], [0.45, 0.25, 0.05]]
+    assert experiment.model_path() == "llava-hf/llava-1.5-7b-hf" and experiment.method_spec()["class_path"] == LVP
+    assert isinstance(instantiate(experiment.method_spec()), LVPruning)
+    explicit = cfg.replace("cb.yaml", "explicit.yaml")
+    _write_yaml(Path(explicit), Path(cfg).read_text().replace("rhos: [0.6, 0.45]", "schedules: [[0.5, 0.3, 0.1]]"))
+    assert Experiment.load(explicit).schedules(None, 3) == [[0.5, 0.3, 0.1]]
+    assert Experiment.load(explicit).schedules("paper:0.6", 3) == [[0.6, 0.4, 0.2]]  # the flag wins
+
+
+def test_flops_pseudo_keys_and_old_flags_fail_naming_them(tmp_path, capsys):
+    """The keys the hand reader accepted and fit rejects fail as fit fails; old flag spellings name the new."""
+    text = _model_section("llava-hf/llava-1.5-7b-hf", LVP_7B) + "    sweep_schedules: [[0.5, 0.3, 0.1]]\n"
+    cfg = _write_yaml(tmp_path / "pseudo.yaml", text)
+    with pytest.raises(SystemExit) as exit_:
+        main(["flops", "-c", cfg])
+    assert exit_.value.code == 2 and "sweep_schedules" in capsys.readouterr().err
+    cfg = _write_yaml(tmp_path / "cfg.yaml", _model_section("llava-hf/llava-1.5-7b-hf", LVP_7B))
+    for old, new in (("--model-config", "--model_config"), ("--text-tokens", "--text_tokens"), ("--lm-head", "--lm_head")):
+        with pytest.raises(SystemExit):
+            main(["flops", "-c", cfg, old, "x"])
+        assert new in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["flops", "-c", cfg, "--schedules", "0.6,0.4,0.2", "0.5,0.3,0.1"])  # nargs="+" before
+    assert "--schedules '0.6,0.4,0.2;0.5,0.3,0.1'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["flops", "-c", cfg, "--text_tokens", "many"])
+    assert "text_tokens" in capsys.readouterr().err  # jsonargparse's error names the field

@@ -18,7 +18,6 @@ from lightning_lvp.decision import DecisionModule
 from lightning_lvp.model import PrunedLlava
 from lightning_lvp.probes import (
     Tokens,
-    data_overrides,
     default_k,
     hidden_at_depths,
     score_relevance,
@@ -90,13 +89,7 @@ def test_score_relevance_without_relevant_patches_is_an_error():
         score_relevance(DecisionModule(8, num_heads=2), [t], k=1)
 
 
-def test_overrides_and_default_k():
-    assert data_overrides(["digits.question_types=[cell, row_count]", "val_batch_size=8"]) == {
-        "digits": {"question_types": ["cell", "row_count"]},
-        "val_batch_size": 8,
-    }
-    with pytest.raises(ValueError, match="KEY=VALUE"):
-        data_overrides(["digits"])
+def test_default_k():
     from lightning_lvp.methods import LVPruning
 
     assert default_k(LVPruning([1, 2, 4], [0.5, 0.3, 0.1], [0.5, 0.3, 0.1]), 36) == 4  # round(0.1 x 36)
@@ -139,7 +132,7 @@ def test_probe_commands_print_tables_and_write_json(setup, tmp_path, capsys):
     root, model_dir = setup
     common = ["-c", str(root / "cfg.yaml"), "--model_path", str(model_dir), "--batch_size", "8"]
     out = tmp_path / "rel.json"
-    argv = ["probe", "relevance", *common, "--after_layer", "0", "2", "--steps", "3", "--eval_batches", "1"]
+    argv = ["probe", "relevance", *common, "--after_layer", "[0,2]", "--steps", "3", "--eval_batches", "1"]
     assert main([*argv, "--json", str(out)]) == 0
     text = capsys.readouterr().out
     assert "Relevance probe" in text and "LLM input" in text and "after layer 2" in text
@@ -150,7 +143,7 @@ def test_probe_commands_print_tables_and_write_json(setup, tmp_path, capsys):
         assert r["n"] == 8 and r["chance"] == pytest.approx(4 / 36) and 0.0 <= r["recall"] <= 1.0
         assert r["loss_first"] > 0 and r["steps"] == 3
     out = tmp_path / "pos.json"
-    argv = ["probe", "position", *common, "--layers", "0", "1", "--train_batches", "1", "--val_batches", "1"]
+    argv = ["probe", "position", *common, "--layers", "[0,1]", "--train_batches", "1", "--val_batches", "1"]
     assert main([*argv, "--steps", "5", "--json", str(out)]) == 0
     assert "Position probe" in capsys.readouterr().out
     rows = json.loads(out.read_text())["rows"]

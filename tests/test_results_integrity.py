@@ -15,6 +15,7 @@ import torch
 from cli_fixtures import sweep_folder
 
 from lightning_lvp import adapter, compare, sweep
+from lightning_lvp.cli import main
 from lightning_lvp.io import load_pruners, save_pruners
 from lightning_lvp.methods import LVPruning, UniformPruning
 from lightning_lvp.model import PrunedLlava
@@ -71,9 +72,10 @@ def sweep_setup(tmp_path_factory):
 
 
 def run_sweep(root, model_dir, out, rhos, batch_size=8, extra=()):
-    return sweep.sweep_command(
-        ["-c", str(root / "cfg.yaml"), "--pruners", str(root / "pruners"), "--model_path", str(model_dir),
-         "--rhos", rhos, "--out", str(out), "--batch_size", str(batch_size), "--no_base", *extra]
+    return main(
+        ["sweep", "-c", str(root / "cfg.yaml"), "--pruners", str(root / "pruners"), "--model_path", str(model_dir),
+         "--schedules", f"paper:{rhos}", "--out", str(out), "--batch_size", str(batch_size), "--include_base",
+         "false", *extra]
     )  # fmt: skip
 
 

@@ -68,8 +68,7 @@ def test_format_schedule_round_trips():
 
 
 def test_old_names_are_the_same_function():
-    from lightning_lvp import callbacks, compare, sweep
+    from lightning_lvp import callbacks, compare
 
     assert callbacks.paper_schedule is S.paper_schedule
     assert compare.lvp_schedule(0.5, 3) == S.paper_schedule(0.5, 3)
-    assert sweep.parse_range("0.3:0.4:0.05") == S.parse_rhos("0.3:0.4:0.05")

@@ -9,6 +9,9 @@ import pytest
 from cli_fixtures import sweep_folder
 
 from lightning_lvp import sweep
+from lightning_lvp.cli import main
+from lightning_lvp.commands.experiment import Experiment
+from lightning_lvp.commands.sweep import DEFAULT_SCHEDULES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,16 +24,17 @@ def setup(tmp_path_factory):
 
 
 def run(root, model_dir, out, rhos, extra=()):
-    return sweep.sweep_command(
+    return main(
         [
+            "sweep",
             "-c",
             str(root / "cfg.yaml"),
             "--pruners",
             str(root / "pruners"),
             "--model_path",
             str(model_dir),
-            "--rhos",
-            rhos,
+            "--schedules",
+            f"paper:{rhos}",
             "--out",
             str(out),
             "--batch_size",
@@ -51,7 +55,7 @@ def test_sweep_writes_files_and_resumes(setup, tmp_path, monkeypatch):
     assert calls == [None, [0.6, 0.4, 0.2]]
     calls.clear()
     # resumed with the full list of 3 schedules: only the missing ones are evaluated
-    assert run(root, model_dir, out, "0.45:0.6:0.05", ["--no_base"]) == 0
+    assert run(root, model_dir, out, "0.45:0.6:0.05", ["--include_base", "false"]) == 0
     assert calls == [[0.45, 0.25, 0.05], [0.5, 0.3, 0.1], [0.55, 0.35, 0.15]]
     data = json.loads((out / "results.json").read_text())
     rows = data["rows"]
@@ -87,22 +91,41 @@ def test_sweep_never_overwrites_other_results(setup, tmp_path):
         run(root, model_dir, out, "0.5")
 
 
-def test_schedule_parsing():
-    assert sweep.parse_range("0.3:0.4:0.05") == [0.3, 0.35, 0.4]
-    assert sweep.build_schedules([0.3], [], 3) == [[0.3, 0.1, 0.05]]  # rho - 0.4 < 0 clipped to min_ratio
+def test_schedules_default_to_the_config_then_the_range(setup):
+    """--schedules in the common syntax; default: the RatioSweep callback of the config (demo.yaml: rhos
+    0.6/0.5/0.45), else the range paper:0.3:0.8:0.05."""
+    root, _ = setup
+    experiment = Experiment.load(root / "cfg.yaml")
+    assert experiment.schedules(None, 3, DEFAULT_SCHEDULES) == [[0.6, 0.4, 0.2], [0.5, 0.3, 0.1], [0.45, 0.25, 0.05]]
+    assert experiment.schedules("paper:0.5;0.6,0.4,0.2", 3) == [[0.5, 0.3, 0.1], [0.6, 0.4, 0.2]]
+    assert Experiment().schedules(None, 3, DEFAULT_SCHEDULES)[0] == [0.3, 0.1, 0.05]  # rho - 0.4 < 0: floored
+    assert len(Experiment().schedules(None, 3, DEFAULT_SCHEDULES)) == 11
     with pytest.raises(ValueError, match="has 2 ratios, the method has 3 stages"):
-        sweep.build_schedules([], ["0.5,0.3"], 3)
+        experiment.schedules("0.5,0.3", 3)
 
 
-def test_schedule_flag_takes_the_common_syntax():
-    assert sweep.build_schedules([], ["paper:0.5;0.6,0.4,0.2"], 3) == [[0.5, 0.3, 0.1], [0.6, 0.4, 0.2]]
+def test_old_sweep_flags_fail_naming_the_new_ones(setup, capsys):
+    root, model_dir = setup
+    argv = ["sweep", "-c", str(root / "cfg.yaml"), "--pruners", str(root / "pruners")]
+    for old, new in (
+        (["--rhos", "0.3:0.8:0.05"], "--schedules paper:"),
+        (["--schedule", "0.5,0.3,0.1"], "--schedules"),
+        (["--no_base"], "--include_base false"),
+        (["--batch-size", "8"], "--batch_size"),
+        (["--max-batches", "1"], "--max_batches"),
+        (["--model-path", str(model_dir)], "--model_path"),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            main([*argv, *old])
+        assert exit_.value.code == 2 and new in capsys.readouterr().err, old
 
 
 def test_sweep_takes_a_training_free_peer_by_name(setup, tmp_path):
     """``--pruners divprune`` (a peer spec, issue #15): the sweep varies its keep ratio."""
     root, model_dir = setup
     out = tmp_path / "out"
-    argv = ["-c", str(root / "cfg.yaml"), "--pruners", "divprune", "--model_path", str(model_dir), "--rhos", "0.25"]
-    assert sweep.sweep_command([*argv, "--out", str(out), "--batch_size", "8", "--no_base", "--max_batches", "1"]) == 0
+    argv = ["sweep", "-c", str(root / "cfg.yaml"), "--pruners", "divprune", "--model_path", str(model_dir)]
+    argv += ["--schedules", "0.25", "--out", str(out), "--batch_size", "8", "--include_base", "false"]
+    assert main([*argv, "--max_batches", "1"]) == 0
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [r["ratios"] for r in rows] == [[0.25]] and rows[0]["kept_tokens"] == [9.0]  # round(0.25 x 36)

@@ -18,14 +18,9 @@ import time
 from pathlib import Path
 
 from lightning_lvp import adapter
-from lightning_lvp.compare import (
-    Entry,
-    build_val_loader,
-    evaluate_entry,
-    markdown_table,
-    plot_accuracy_vs_tflops,
-    single_samples,
-)
+from lightning_lvp.commands.compare import validation_loader
+from lightning_lvp.commands.experiment import Experiment
+from lightning_lvp.compare import Entry, evaluate_entry, markdown_table, plot_accuracy_vs_tflops, single_samples
 from lightning_lvp.methods import FastV
 from lightning_lvp.methods.peers import PAPER_TOKENS, peer_entries
 
@@ -42,7 +37,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--out", default="outputs/peers")
     args = p.parse_args(argv)
     llava = adapter.load_llava(args.model)
-    loader = build_val_loader(args)
+    experiment = Experiment.load(args.data) if args.data else Experiment()
+    loader = validation_loader(experiment, args.model, args.cache_dir, args.batch_size, args.num_workers)
     samples = single_samples(loader, args.flops_samples)
     num_layers = adapter.text_dims(llava.config).num_layers
     n_vision = adapter.vision_dims(llava.config).tokens_per_image

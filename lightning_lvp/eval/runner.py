@@ -1,4 +1,4 @@
-"""Benchmark evaluation with the pruned model: ``python -m lightning_lvp evaluate ...``.
+"""Benchmark evaluation with the pruned model (``python -m lightning_lvp evaluate ...``, lightning_lvp/commands/evaluate.py).
 
 Questions in LLaVA's JSONL format are rendered with the vicuna_v1 template ("USER: <image>\\n{prompt}
 ASSISTANT:"), images are prepared exactly as in training (pad to square with the mean colour, the
@@ -9,19 +9,15 @@ reference scripts we evaluate in batches.
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 from collections import Counter
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 
 from lightning_lvp.data.collate import LlavaCollator
 from lightning_lvp.data.llava_dataset import LlavaDataset, Skipped
-from lightning_lvp.eval.benchmarks import PromptItem, generate_answers, load_questions, write_answers_jsonl
-from lightning_lvp.eval.scorers import score_benchmark
+from lightning_lvp.eval.benchmarks import PromptItem
 from lightning_lvp.eval.teacher_forced import model_inputs
 from lightning_lvp.model import PrunedLlava
 
@@ -85,57 +81,3 @@ class PrunedGenerator:
         for row, i in enumerate(kept):
             answers[i] = tok.decode(tokens[row].tolist(), skip_special_tokens=True).strip()
         return answers
-
-
-def evaluate_command(argv: list[str]) -> int:
-    from transformers import AutoProcessor
-
-    from lightning_lvp.schedules import parse_schedule
-
-    p = argparse.ArgumentParser(prog="python -m lightning_lvp evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--benchmark", required=True, help="vqav2 | gqa | vizwiz | textvqa | pope | sqa | mmbench")
-    p.add_argument("--questions", required=True, help="question JSONL (question_id, image, text, [category])")
-    p.add_argument("--ground_truth", default=None, help="ground-truth JSONL (docs/EVAL.md); omit to only answer")
-    p.add_argument("--image_folder", action="append", required=True, help="image folder (repeatable)")
-    p.add_argument("--model_path", required=True, help="llava-hf model folder or hub id")
-    p.add_argument("--pruners", default=None, help="pruner folder or checkpoint (omit for the unpruned model)")
-    p.add_argument(
-        "--ratios",
-        default=None,
-        help="inference schedule 'a,b,c' or 'paper:0.5' (lightning_lvp/schedules.py; default: the pruners' keep_ratios)",
-    )
-    p.add_argument("--batch_size", type=int, default=8, help="questions per generation batch")
-    p.add_argument("--max_new_tokens", type=int, default=16, help="decoding budget per answer")
-    p.add_argument("--answers", required=True, help="answers JSONL to write (never overwritten without --overwrite)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing answers file")
-    p.add_argument(
-        "--no_prompt_suffix",
-        action="store_true",
-        help="send the bare question, without the benchmark's suffix line (models trained without it, e.g. the digits demo)",
-    )
-    args = p.parse_args(argv)
-    model = PrunedLlava.from_pretrained(args.model_path, args.pruners)
-    processor = AutoProcessor.from_pretrained(args.model_path)
-    stages = model.method.num_stages if model.method is not None else None
-    ratios = parse_schedule(args.ratios, stages) if args.ratios else None
-    gen = PrunedGenerator(model, processor, args.image_folder, ratios, args.max_new_tokens)
-    questions, issues = load_questions(args.questions)
-    for issue in issues:
-        log.warning("%s", issue)
-    records = generate_answers(
-        args.benchmark,
-        questions,
-        gen,
-        model_id=Path(args.model_path).name,
-        batch_size=args.batch_size,
-        prompt_suffix=not args.no_prompt_suffix,
-    )
-    write_answers_jsonl(args.answers, records, overwrite=args.overwrite)
-    print(
-        f"wrote {len(records)} answers to {args.answers}; malformed question lines: {len(issues)}; "
-        f"missing/unreadable images: {dict(gen.missing)}"
-    )
-    if args.ground_truth:
-        report = score_benchmark(args.benchmark, args.answers, args.ground_truth, missing_image_ids=gen.missing_ids)
-        print(json.dumps({"metrics": report["metrics"], "counts": report["counts"]}, indent=2))
-    return 0

@@ -103,24 +103,31 @@ def test_family_is_chosen_from_the_config(next_model):
         family_for({"model_type": "bert"})
 
 
-def test_layout_matches_the_processor_count_and_hf_packing(next_model):
-    """Placeholder counts == LlavaNextProcessor's formula; newlines = one per grid row of the crops."""
+def tiny_next_processor(pinpoints):
+    """A LlavaNextProcessor for the tiny model: 16 px views, 4 px patches, the demo's word-level tokenizer."""
     from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor
 
     from lightning_lvp.data.tokenizer import build_tiny_tokenizer
 
-    cfg = next_model.config
-    processor = LlavaNextProcessor(
+    return LlavaNextProcessor(
         image_processor=LlavaNextImageProcessorPil(
             size={"shortest_edge": 16},
             crop_size={"height": 16, "width": 16},
-            image_grid_pinpoints=cfg.image_grid_pinpoints,
+            image_grid_pinpoints=pinpoints,
+            image_mean=[0.5, 0.5, 0.5],
+            image_std=[0.5, 0.5, 0.5],
         ),
         tokenizer=build_tiny_tokenizer(),
         patch_size=4,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
     )
+
+
+def test_layout_matches_the_processor_count_and_hf_packing(next_model):
+    """Placeholder counts == LlavaNextProcessor's formula; newlines = one per grid row of the crops."""
+    cfg = next_model.config
+    processor = tiny_next_processor(cfg.image_grid_pinpoints)
     fam = family_for(next_model)
     for h, w in SIZES + [(40, 16), (20, 33)]:
         want = processor._get_number_of_features(h, w, 16, 16) - 1  # "default" drops CLS
@@ -358,3 +365,55 @@ def test_shipped_next_7b_config_flops_at_672_px():
     one_view = flops.count_config(flops.resolve_model_config("llava-hf/llava-1.5-7b-hf"), None, [])[0]
     assert base["by_component"]["vision_tower"] == pytest.approx(5 * one_view["by_component"]["vision_tower"])
     assert 44.0 < base["tflops"] < 46.0 and pruned["tflops"] < 0.4 * base["tflops"]
+
+
+def test_llava_format_data_with_the_next_processor(tmp_path):
+    """LLaVA-format JSON -> LlavaDataset with NeXT's processor: tokens == the processor's own expansion of the
+    rendered prompt, views / sizes == its image output; the collated mixed-size batch trains and equals HF."""
+    from PIL import Image
+
+    from lightning_lvp.data.collate import LlavaCollator
+    from lightning_lvp.data.conversation import VICUNA_V1, render_conversation
+    from lightning_lvp.data.llava_dataset import LlavaDataset
+    from lightning_lvp.eval.teacher_forced import model_inputs
+
+    processor = tiny_next_processor([[16, 32], [32, 16], [32, 32]])
+    tok = processor.tokenizer
+    g = torch.Generator().manual_seed(0)
+    entries = []
+    for i, (w, h) in enumerate([(40, 16), (30, 30)]):  # PIL sizes are (width, height)
+        pixels = (torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(tmp_path / f"im{i}.png")
+        turns = [{"from": "human", "value": "<image>\nwhat digit is in row 2"}, {"from": "gpt", "value": str(i)}]
+        entries.append({"id": f"e{i}", "image": f"im{i}.png", "conversations": turns})
+    ds = LlavaDataset(entries, [str(tmp_path)], processor, pad_to_square=True)
+    samples = [ds[i] for i in range(2)]
+    for entry, sample in zip(entries, samples, strict=True):
+        image = Image.open(tmp_path / entry["image"]).convert("RGB")
+        rendered = render_conversation(entry["conversations"], VICUNA_V1)
+        want = processor(text=rendered.text, images=image, return_tensors="pt")
+        assert torch.equal(sample["input_ids"], want["input_ids"][0])  # token-exact, image block included
+        assert torch.equal(sample["pixel_values"], want["pixel_values"][0])
+        assert sample["image_size"].tolist() == want["image_sizes"][0].tolist() == [image.height, image.width]
+        supervised = tok.decode(sample["input_ids"][sample["labels"] != -100])
+        assert supervised.replace(" ", "") == f"{entry['id'][1]}</s>"  # the reply and its </s> only
+    batch = LlavaCollator(tok.pad_token_id, "left")(samples)
+    assert batch["pixel_values"].shape[:2] == (2, 5) and batch["image_sizes"].tolist() == [[16, 40], [30, 30]]
+    spec = TinyLlavaSpec(vocab_size=len(tok), image_token_id=tok.convert_tokens_to_ids("<image>"), pad_token_id=0)
+    base = build_tiny_llava_next(spec, seed=1, grid_pinpoints=[[16, 32], [32, 16], [32, 32]])
+    model = PrunedVLM(base, lvp())
+    out = model.forward_train(**model_inputs(batch), labels=batch["labels"])
+    assert torch.isfinite(out.loss_causal) and out.targets.numel() == 4  # digit + </s> per sample
+    with torch.no_grad():
+        ours = model.logits(model.forward_infer(**model_inputs(batch), ratios=[1.0, 1.0, 1.0]).hidden)
+        mask = batch["attention_mask"]
+        hf = base(
+            input_ids=batch["input_ids"],
+            pixel_values=batch["pixel_values"],
+            image_sizes=batch["image_sizes"],
+            attention_mask=mask,
+            position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+        ).logits
+    for i in range(2):
+        n = int(mask[i].sum())
+        torch.testing.assert_close(ours[i, -n:], hf[i, -n:], atol=1e-5, rtol=1e-5)

@@ -33,6 +33,18 @@ def _pad(tensors: list[torch.Tensor], value: int | bool, side: PaddingSide) -> t
     return out
 
 
+def _stack_images(images: list[torch.Tensor]) -> torch.Tensor:
+    """(B, 3, H, W); LLaVA-NeXT's (V_b, 3, H, W) views -> (B, V_max, 3, H, W), zero views past each count
+    (``LlavaNextModel.get_image_features`` reads only the first V_b of each row)."""
+    if images[0].dim() == 3:
+        return torch.stack(images)
+    views = max(x.shape[0] for x in images)
+    out = images[0].new_zeros(len(images), views, *images[0].shape[1:])
+    for i, x in enumerate(images):
+        out[i, : x.shape[0]] = x
+    return out
+
+
 class LlavaCollator:
     """Pads LlavaDataset samples into a batch dict (picklable, for DataLoader workers).
 
@@ -68,7 +80,9 @@ class LlavaCollator:
         batch["attention_mask"] = _pad([torch.ones_like(t) for t in ids], 0, side)
         if all("labels" in s for s in kept):
             batch["labels"] = _pad([s["labels"] for s in kept], IGNORE_INDEX, side)
-        batch["pixel_values"] = torch.stack([s["pixel_values"] for s in kept])
+        batch["pixel_values"] = _stack_images([s["pixel_values"] for s in kept])
+        if all("image_size" in s for s in kept):  # LLaVA-NeXT: (B, 2) original (height, width)
+            batch["image_sizes"] = torch.stack([s["image_size"] for s in kept])
         batch["vision_mask"] = _pad([s["vision_mask"] for s in kept], False, side)
         batch["prompt_mask"] = _pad([s["prompt_mask"] for s in kept], False, side)
         if any("relevant_mask" in s for s in kept):

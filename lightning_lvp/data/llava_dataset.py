@@ -357,8 +357,19 @@ def expand_to_square(image: Image.Image, background: tuple[int, int, int]) -> Im
     return result
 
 
+def is_anyres(processor: ProcessorMixin) -> bool:
+    """A LLaVA-NeXT processor (anyres: the image-token count depends on each image's size)."""
+    return getattr(processor.image_processor, "image_grid_pinpoints", None) is not None
+
+
+def anyres_image_tokens(processor: ProcessorMixin, image_size: tuple[int, int]) -> int:
+    """Image tokens ``LlavaNextProcessor`` expands one ``<image>`` of ``image_size`` (height, width) to."""
+    return int(processor._get_num_multimodal_tokens(image_sizes=[list(image_size)])["num_image_tokens"][0])
+
+
 def num_image_tokens(processor: ProcessorMixin) -> int:
-    """Image tokens per image as ``LlavaProcessor`` counts them (patches + extra tokens - CLS if "default")."""
+    """Image tokens per image as ``LlavaProcessor`` counts them (patches + extra tokens - CLS if "default");
+    for a LLaVA-NeXT processor the base view's count (each image has more: :func:`anyres_image_tokens`)."""
     crop = processor.image_processor.crop_size
     n = (crop["height"] // processor.patch_size) * (crop["width"] // processor.patch_size)
     n += getattr(processor, "num_additional_image_tokens", 0)
@@ -407,6 +418,9 @@ class LlavaDataset(Dataset):
         template: the conversation template.
         pad_to_square: pad images to a square with the image processor's mean colour first (LLaVA-1.5);
             done after resizing to the processor's size (:func:`resize_then_pad`), so memory stays bounded.
+            Ignored for a LLaVA-NeXT processor (anyres keeps the aspect ratio: base view + crops; each
+            sample then carries ``pixel_values`` (V, 3, H, W) and ``image_size`` (height, width), and
+            its ``<image>`` expands to the processor's count for that size).
         max_image_pixels: images with more pixels are bad samples (``image_too_large``), checked before decoding.
     """
 
@@ -430,6 +444,8 @@ class LlavaDataset(Dataset):
         self.image_folders = list(image_folders)
         self.tokenizer = processor.tokenizer
         self.image_processor = processor.image_processor
+        self.processor = processor
+        self.anyres = is_anyres(processor)
         self.num_image_tokens = num_image_tokens(processor)
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         if self.image_token_id is None or self.image_token_id == self.tokenizer.unk_token_id:
@@ -470,8 +486,8 @@ class LlavaDataset(Dataset):
         file = str(path if path is not None else resolve_image(entry["image"], self.image_folders))
         return BadSampleError(f"entry {entry.get('id')!r}{where}: {reason}: {detail}", reason, file)
 
-    def _image(self, entry: dict) -> torch.Tensor:
-        """(3, H, W) pixel values of the entry's image."""
+    def _image(self, entry: dict) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """(3, H, W) pixel values of the entry's image; anyres: ((V, 3, H, W) views, (2,) image size)."""
         path = resolve_image(entry["image"], self.image_folders)
         try:
             image = open_rgb(path, self.max_image_pixels)
@@ -481,6 +497,8 @@ class LlavaDataset(Dataset):
             raise self._bad(entry, "image_too_large", str(e), path) from None
         except (OSError, ValueError, SyntaxError) as e:  # PIL: UnidentifiedImageError, truncated data, ...
             raise self._bad(entry, "unreadable_image", f"{type(e).__name__}: {e}", path) from None
+        if self.anyres:
+            return self._anyres_views(entry, image, path)
         if self.pad_to_square and self.input_side:
             image = resize_then_pad(image, self.input_side, self.background, self.resample)
         elif self.pad_to_square:
@@ -492,14 +510,25 @@ class LlavaDataset(Dataset):
         except Exception as e:  # e.g. a 1-pixel image the resize cannot handle: name the entry, not the processor
             raise self._bad(entry, "unreadable_image", f"image processor failed: {type(e).__name__}: {e}", path) from e
 
+    def _anyres_views(self, entry: dict, image: Image.Image, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+        """LLaVA-NeXT's image processor: ((V, 3, H, W) base view + crops, (2,) original (height, width))."""
+        try:
+            out = self.image_processor(image, return_tensors="pt")
+        except Exception as e:  # name the entry, not the processor
+            raise self._bad(entry, "unreadable_image", f"image processor failed: {type(e).__name__}: {e}", path) from e
+        return out["pixel_values"][0], torch.as_tensor(out["image_sizes"][0]).long()
+
     def _load(self, entry: dict) -> dict:
         turns = [{"from": t["from"], "value": move_image_token_to_front(t["value"])} for t in entry["conversations"]]
         rendered = render_conversation(turns, self.template, prompt_only=self.prompt_only)
-        input_ids, labels, vision = tokenize_conversation(
-            rendered, self.tokenizer, self.num_image_tokens, self.image_token_id
-        )
+        image_size, count = None, self.num_image_tokens
+        if self.anyres:  # the token count depends on the image: decode it first
+            pixel_values, image_size = self._image(entry)
+            count = anyres_image_tokens(self.processor, tuple(image_size.tolist()))
+        input_ids, labels, vision = tokenize_conversation(rendered, self.tokenizer, count, self.image_token_id)
         input_ids, labels, vision = self._truncate(entry, input_ids, labels, vision)
-        pixel_values = self._image(entry)
+        if not self.anyres:
+            pixel_values = self._image(entry)
         sample = {
             "input_ids": input_ids,
             "vision_mask": vision,
@@ -510,6 +539,8 @@ class LlavaDataset(Dataset):
             "question_type": str(entry.get("question_type", "")),
             "image": str(entry["image"]),  # image identity: questions about one image are compared by it
         }
+        if image_size is not None:
+            sample["image_size"] = image_size
         if not self.prompt_only:
             sample["labels"] = labels
         if entry.get("relevant_patches") is not None:

@@ -29,7 +29,7 @@ import torch
 
 from lightning_lvp.model import PrunedLlava
 
-BATCH_KEYS = ("input_ids", "pixel_values", "attention_mask", "prompt_mask")
+BATCH_KEYS = ("input_ids", "pixel_values", "attention_mask", "prompt_mask", "image_sizes")  # image_sizes: LLaVA-NeXT
 
 
 def per_sample_exact_match(

@@ -417,3 +417,30 @@ def test_llava_format_data_with_the_next_processor(tmp_path):
     for i in range(2):
         n = int(mask[i].sum())
         torch.testing.assert_close(ours[i, -n:], hf[i, -n:], atol=1e-5, rtol=1e-5)
+
+
+def test_shipped_next_config_trains_a_tiny_32_layer_next(next_model, tmp_path):
+    """experiments/llava_next_rho05.yaml: the paper's schedule on NeXT; its module loads a NeXT folder and trains."""
+    from pathlib import Path
+
+    from lightning_lvp.cli import parse_config
+    from lightning_lvp.io import instantiate
+    from lightning_lvp.training.module import LVPModule
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "llava_next_rho05.yaml"
+    cfg = parse_config(["-c", str(path)])
+    margs = cfg.model.init_args
+    assert margs.model_path == "llava-hf/llava-v1.6-vicuna-7b-hf" == cfg.data.init_args.processor_path
+    method = instantiate({"class_path": margs.method.class_path, "init_args": margs.method.init_args.as_dict()})
+    assert method.after_layers == [1, 8, 16] and method.train_ratios == [0.5, 0.3, 0.1]
+    assert margs.optimizer.init_args.lr == 2e-6 and margs.warmup_ratio == 0.03 and margs.lr_schedule == "cosine"
+    micro = cfg.data.init_args.batch_size * cfg.trainer.accumulate_grad_batches * cfg.trainer.devices
+    assert micro == 64 and cfg.trainer.strategy.init_args.logging_batch_size_per_gpu == cfg.data.init_args.batch_size
+    build_tiny_llava_next(TinyLlavaSpec(num_layers=32), seed=0).save_pretrained(tmp_path)
+    module = LVPModule(model_path=str(tmp_path), method=method, dtype="float32", optimizer=torch.optim.AdamW)
+    module.configure_model()
+    assert module.model.family.name == "llava_next"
+    batch = make_batch(module.model.llava, SIZES[:2], padding="right", answer=2)
+    out = module.model.forward_train(**inputs(batch), labels=batch["labels"])
+    out.loss_causal.backward()
+    assert all(p.grad is not None for p in module.method.parameters())

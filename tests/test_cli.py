@@ -157,7 +157,10 @@ def command_functions():
         "sweep": (sweep.sweep, ["--pruners", "p"]),
         "compare": (compare.compare, ["--pruners", "p", "--out", "o"]),
         "export": (export.export, ["--ckpt_path", "x.ckpt", "--out", "o"]),
-        "evaluate": (evaluate.evaluate, ["--benchmark", "gqa", "--questions", "q", "--image_folder", "i", "--answers", "a"]),
+        "evaluate": (
+            evaluate.evaluate,
+            ["--benchmark", "gqa", "--questions", "q", "--image_folder", "i", "--answers", "a"],
+        ),
         "probe relevance": (probe.relevance, []),
         "probe position": (probe.position, []),
         "demo init": (demo.init, ["some/folder"]),

@@ -223,7 +223,11 @@ def test_flops_pseudo_keys_and_old_flags_fail_naming_them(tmp_path, capsys):
         main(["flops", "-c", cfg])
     assert exit_.value.code == 2 and "sweep_schedules" in capsys.readouterr().err
     cfg = _write_yaml(tmp_path / "cfg.yaml", _model_section("llava-hf/llava-1.5-7b-hf", LVP_7B))
-    for old, new in (("--model-config", "--model_config"), ("--text-tokens", "--text_tokens"), ("--lm-head", "--lm_head")):
+    for old, new in (
+        ("--model-config", "--model_config"),
+        ("--text-tokens", "--text_tokens"),
+        ("--lm-head", "--lm_head"),
+    ):
         with pytest.raises(SystemExit):
             main(["flops", "-c", cfg, old, "x"])
         assert new in capsys.readouterr().err

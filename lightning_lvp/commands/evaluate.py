@@ -85,7 +85,10 @@ def evaluate(
     return 0
 
 
-RENAMED = {"--ratios": "--schedules (one schedule: 0.5,0.3,0.1 or paper:0.5)", "--no_prompt_suffix": "--prompt_suffix false"}
+RENAMED = {
+    "--ratios": "--schedules (one schedule: 0.5,0.3,0.1 or paper:0.5)",
+    "--no_prompt_suffix": "--prompt_suffix false",
+}
 
 
 def main(argv: Sequence[str]) -> int:

@@ -56,7 +56,9 @@ def flops(
     except ValueError as err:  # a bad schedule, a data-dependent one, all_vision without decision modules
         print(f"flops: {err}", file=sys.stderr)
         return 2
-    paper = model.lower().rstrip("/") == DEFAULT_MODEL.lower() and text_tokens == 30  # the paper's table is LLaVA-1.5-7B
+    paper = (
+        model.lower().rstrip("/") == DEFAULT_MODEL.lower() and text_tokens == 30
+    )  # the paper's table is LLaVA-1.5-7B
     described = {**F.CONVENTION, "lm_head": F.LM_HEAD_TEXT[lm_head], "pruners": F.PRUNER_TEXT[convention]}
     described["input"] = f"{F.describe_input(F.resolve_model_config(model), text_tokens)}; model {model}"
     for r in rows:

@@ -164,16 +164,14 @@ def test_ratio_one_and_no_method_equal_hf_forward(next_model, padding):
 
 
 @torch.no_grad()
-def test_unpruned_generation_equals_hf_generate(next_model):
+@pytest.mark.parametrize("options", [{}, {"num_beams": 2, "num_return_sequences": 2}], ids=["greedy", "beams"])
+def test_unpruned_generation_equals_hf_generate(next_model, options):
     batch = make_batch(next_model, SIZES, padding="left")
     hf_in = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_sizes")}
-    want = next_model.generate(**hf_in, max_new_tokens=5, do_sample=False, pad_token_id=0)
-    got = (
-        PrunedVLM(next_model, None)
-        .for_generation()
-        .generate(**hf_in, max_new_tokens=5, do_sample=False, pad_token_id=0)
-    )
-    assert torch.equal(got, want)
+    opts = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, **options)
+    want = next_model.generate(**hf_in, **opts)
+    got = PrunedVLM(next_model, None).for_generation().generate(**hf_in, **opts)
+    assert got.shape[0] == 3 * options.get("num_return_sequences", 1) and torch.equal(got, want)
 
 
 # -------------------------------------------------------------------------- pruned-path identities

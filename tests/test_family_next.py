@@ -442,3 +442,70 @@ def test_shipped_next_config_trains_a_tiny_32_layer_next(next_model, tmp_path):
     out = module.model.forward_train(**inputs(batch), labels=batch["labels"])
     out.loss_causal.backward()
     assert all(p.grad is not None for p in module.method.parameters())
+
+
+def _write_tiny_next_folder(out, n_layers: int = 32) -> None:
+    """A tiny NeXT model folder (weights + NeXT processor) and 8 LLaVA-format entries of 4 image sizes."""
+    import json
+
+    from PIL import Image
+
+    pins = [[16, 32], [32, 16], [32, 32]]
+    proc = tiny_next_processor(pins)
+    tok = proc.tokenizer
+    spec = TinyLlavaSpec(
+        num_layers=n_layers,
+        vocab_size=len(tok),
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        pad_token_id=tok.pad_token_id,
+    )
+    model = build_tiny_llava_next(spec, seed=0, grid_pinpoints=pins)
+    model.config.text_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(out / "model")
+    proc.save_pretrained(out / "model")
+    g = torch.Generator().manual_seed(0)
+    (out / "images").mkdir()
+    entries = []
+    for i, (w, h) in enumerate([(40, 16), (30, 30), (16, 16), (20, 33)] * 2):
+        pixels = (torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(out / "images" / f"{i}.png")
+        turns = [{"from": "human", "value": "<image>\nwhat digit is in row 2"}, {"from": "gpt", "value": str(i)}]
+        entries.append({"id": str(i), "image": f"{i}.png", "conversations": turns})
+    (out / "data.json").write_text(json.dumps(entries))
+
+
+@pytest.mark.slow
+def test_fit_with_the_shipped_next_config_end_to_end(tmp_path):
+    """`python -m lightning_lvp fit -c experiments/llava_next_rho05.yaml`, shrunk by flags, on a tiny NeXT folder:
+    trains 2 steps on mixed image sizes, runs the validation ratio sweep, writes a checkpoint."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    _write_tiny_next_folder(tmp_path)
+    flags = [
+        f"--model.init_args.model_path={tmp_path / 'model'}",
+        "--model.init_args.dtype=float32",
+        f"--data.init_args.train_json={tmp_path / 'data.json'}",
+        f"--data.init_args.image_folder={tmp_path / 'images'}",
+        "--data.init_args.val_fraction=0.25",
+        "--data.init_args.num_workers=0",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=1",
+        "--trainer.strategy=auto",
+        "--trainer.precision=32",
+        "--trainer.max_steps=2",
+        "--trainer.accumulate_grad_batches=1",
+        "--trainer.val_check_interval=2",
+        "--trainer.limit_val_batches=1",
+        f"--trainer.default_root_dir={tmp_path / 'run'}",
+        f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+    ]
+    cmd = [sys.executable, "-m", "lightning_lvp", "fit", "-c", str(repo / "experiments" / "llava_next_rho05.yaml")]
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd + flags, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Ratio sweep" in proc.stdout and "rho0.5" in proc.stdout
+    assert list((tmp_path / "run").rglob("*.ckpt")) or list((tmp_path / "runs").rglob("*.ckpt"))

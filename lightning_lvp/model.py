@@ -84,7 +84,7 @@ class PrunedVLM(nn.Module):
         structure: policy for image-placeholder tokens that are not image patches (LLaVA-NeXT's
             ``image_newline`` row ends): "keep" = kept as structure (never pruned, not counted in
             the vision tokens the ratios refer to, not pruner keys), "prune" = vision tokens like the
-            patches. Families without such tokens accept only "keep" (docs/FAMILIES.md).
+            patches. Families without such tokens accept only "keep" (``VLMFamily.structure_policies``).
     """
 
     def __init__(
@@ -98,8 +98,11 @@ class PrunedVLM(nn.Module):
         super().__init__()
         self.frozen = frozen
         self.family = family_for(llava)
-        if structure not in ("keep", "prune"):
-            raise ValueError(f"structure must be 'keep' or 'prune', got {structure!r}")
+        if structure not in self.family.structure_policies:
+            raise ValueError(
+                f"structure must be one of {list(self.family.structure_policies)} for a {self.family.name} model "
+                f"(the policy for image tokens that are not patches), got {structure!r}"
+            )
         self.structure = structure
         self.llava = self.family.prepare_frozen(llava)
         if not frozen:  # only for training a (tiny) base model from scratch, never with LVPruning

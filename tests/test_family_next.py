@@ -509,3 +509,12 @@ def test_fit_with_the_shipped_next_config_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Ratio sweep" in proc.stdout and "rho0.5" in proc.stdout
     assert list((tmp_path / "run").rglob("*.ckpt")) or list((tmp_path / "runs").rglob("*.ckpt"))
+
+
+def test_structure_policy_is_per_family():
+    """LLaVA-1.5 has no non-patch image tokens: only "keep"; NeXT takes both."""
+    from lightning_lvp.tiny import build_tiny_llava
+
+    with pytest.raises(ValueError, match=r"structure must be one of \['keep'\] for a llava model"):
+        PrunedVLM(build_tiny_llava(SPEC, seed=0), None, structure="prune")
+    assert LlavaNextFamily.structure_policies == ("keep", "prune")

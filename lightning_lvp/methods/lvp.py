@@ -138,9 +138,11 @@ class LVPruning(PruningMethod):
     def _controlled(self, gamma: torch.Tensor, alive: torch.Tensor, stage: int) -> torch.Tensor:
         """(B, L, 2) -> keep/drop logits ``[log_odds - mean_alive(log_odds) + b_s, 0]``.
 
-        Centering the log-odds per sample takes the "keep more / fewer of every token" direction away from
-        the modules (it would grow without bound against the bias), so the causal loss can only move the
-        modules' RANKING; how many tokens are kept is the controller bias ``b_s`` alone.
+        Centering the log-odds per sample takes the "keep more of every token" direction away from the
+        modules (measured: the causal loss grows that offset without bound against the bias), so the
+        causal loss can only move the modules' RANKING; how many tokens are kept is the bias ``b_s``.
+        (Standardizing as well, to stop the spread from growing, stopped the ranking from being learned
+        at all in the same test: docs/RESULTS.md §5.3.)
         """
         log_odds = gamma[..., 0] - gamma[..., 1]
         weight = alive.to(log_odds)

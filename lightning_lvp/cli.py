@@ -25,11 +25,13 @@ LIGHTNING_COMMANDS = {
 
 def fit_classes():
     """The model and data base classes of ``fit`` (subclass mode); every command parses its ``model`` /
-    ``data`` sections against the same two."""
+    ``data`` sections against the same two. The model base is
+    :class:`~lightning_lvp.training.common.TrainingModule`: ``LVPModule`` (pruners) or ``DemoBaseModule``
+    (the demo base from scratch)."""
     from lightning_lvp.data.datamodule import LlavaDataModule
-    from lightning_lvp.training.module import LVPModule
+    from lightning_lvp.training.common import TrainingModule
 
-    return LVPModule, LlavaDataModule
+    return TrainingModule, LlavaDataModule
 
 
 def usage() -> str:

@@ -92,11 +92,9 @@ class PrunedVLM(nn.Module):
         llava: nn.Module,
         method: PruningMethod | None = None,
         gradient_checkpointing: bool = False,
-        frozen: bool = True,
         structure: str = "keep",
     ):
         super().__init__()
-        self.frozen = frozen
         self.family = family_for(llava)
         if structure not in self.family.structure_policies:
             raise ValueError(
@@ -105,8 +103,6 @@ class PrunedVLM(nn.Module):
             )
         self.structure = structure
         self.llava = self.family.prepare_frozen(llava)
-        if not frozen:  # only for training a (tiny) base model from scratch, never with LVPruning
-            self.llava.requires_grad_(True)
         self.dims = self.family.text_dims(llava.config)
         self.method = method
         if method is not None:
@@ -156,8 +152,7 @@ class PrunedVLM(nn.Module):
 
     def train(self, mode: bool = True) -> PrunedVLM:
         super().train(mode)
-        if self.frozen:
-            self.llava.eval()  # frozen base: no dropout, ever
+        self.llava.eval()  # frozen base: no dropout, ever (the demo base trains without this class, #12)
         return self
 
     @property

@@ -83,7 +83,7 @@ def test_lightning_blocking_is_real():
     """The blocking of the test above does stop a Lightning import (else it would prove nothing)."""
     code = "import sys; sys.modules['lightning'] = None\nimport lightning_lvp.training.module\n"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode != 0 and "import of lightning halted" in out.stderr
+    assert out.returncode != 0 and "ModuleNotFoundError" in out.stderr and "lightning" in out.stderr.splitlines()[-1]
 
 
 def test_import_rule_eval_and_core_never_import_training_or_commands():
@@ -106,7 +106,11 @@ def test_old_module_paths_re_export_the_new_objects(old):
     old_mod, new_mod = importlib.import_module(old), importlib.import_module(MOVED[old])
     assert old_mod.__all__, old
     for name in old_mod.__all__:
-        assert getattr(old_mod, name) is getattr(new_mod, name, getattr(old_mod, name)), (old, name)
+        obj, new_obj = getattr(old_mod, name), getattr(new_mod, name, getattr(old_mod, name))
+        if (old, name) == ("lightning_lvp.lit_module", "LVPModule"):  # also takes the moved args, to fail naming DemoBaseModule
+            assert issubclass(obj, new_obj) and obj.__mro__[1] is new_obj
+        else:
+            assert obj is new_obj, (old, name)
     public = {n for n, v in vars(new_mod).items() if getattr(v, "__module__", None) == MOVED[old] and n[0] != "_"}
     assert public <= set(old_mod.__all__), (old, sorted(public - set(old_mod.__all__)))
 

@@ -42,6 +42,8 @@ class LVPruning(PruningMethod):
         grad_clip_quantile: cap each sample's straight-through gradient on a stage's decisions at this
             quantile of the batch's per-sample gradient norms (not in the paper; None = off, the paper;
             see :func:`~lightning_lvp.decision.clip_sample_grads`).
+        logit_bound: with ``ratio_control``, bound the centered log-odds of the training decisions to
+            ``(-c, c)`` by ``c * tanh(x / c)`` (not in the paper; None = unbounded).
     """
 
     trainable = True
@@ -61,6 +63,7 @@ class LVPruning(PruningMethod):
         score: Literal["log_odds", "keep_logit"] = "log_odds",
         ratio_control: float = 0.0,
         grad_clip_quantile: float | None = None,
+        logit_bound: float | None = None,
     ):
         super().__init__(after_layers, keep_ratios)
         self.train_ratios = [float(r) for r in validate_ratios(train_ratios, "train_ratios")]
@@ -87,6 +90,9 @@ class LVPruning(PruningMethod):
         if grad_clip_quantile is not None and not 0.0 < grad_clip_quantile <= 1.0:
             raise ValueError(f"grad_clip_quantile must be in (0, 1] or None, got {grad_clip_quantile}")
         self.grad_clip_quantile = grad_clip_quantile
+        if logit_bound is not None and logit_bound <= 0:
+            raise ValueError(f"logit_bound must be > 0 or None, got {logit_bound}")
+        self.logit_bound = logit_bound
         self.decision = nn.ModuleList()
         # persistent only when used: pruner folders / checkpoints without a controller keep their keys
         self.register_buffer("ratio_bias", torch.zeros(self.num_stages), persistent=self.ratio_control > 0)
@@ -147,7 +153,10 @@ class LVPruning(PruningMethod):
         log_odds = gamma[..., 0] - gamma[..., 1]
         weight = alive.to(log_odds)
         mean = (log_odds * weight).sum(1, keepdim=True) / weight.sum(1, keepdim=True).clamp(min=1)
-        keep = (log_odds - mean) * weight + self.ratio_bias[stage].to(log_odds)
+        centered = (log_odds - mean) * weight
+        if self.logit_bound is not None:  # c * tanh(x / c): the spread cannot saturate the decisions
+            centered = self.logit_bound * torch.tanh(centered / self.logit_bound)
+        keep = centered + self.ratio_bias[stage].to(log_odds)
         return torch.stack([keep, torch.zeros_like(keep)], -1)
 
     @torch.no_grad()

@@ -104,3 +104,16 @@ def test_clip_sample_grads_caps_outlier_samples():
     assert torch.allclose(x.grad, expected)
     with pytest.raises(ValueError, match="grad_clip_quantile"):
         make_method(grad_clip_quantile=0.0)
+
+
+def test_logit_bound_limits_the_centered_log_odds():
+    method = make_method(ratio_control=1.0, logit_bound=2.0)
+    gamma = torch.zeros(1, 5, 2)
+    gamma[0, :, 0] = torch.tensor([-40.0, 0.0, 1.0, 40.0, 7.0])
+    alive = torch.tensor([[True, True, True, True, False]])
+    keep = method._controlled(gamma, alive, 0)[..., 0]
+    centered = torch.tensor([-40.25, -0.25, 0.75, 39.75, 0.0])  # mean over the 4 alive = 0.25; dead -> 0
+    assert torch.allclose(keep, 2.0 * torch.tanh(centered / 2.0))
+    assert keep.abs().max() <= 2.0
+    with pytest.raises(ValueError, match="logit_bound"):
+        make_method(logit_bound=0.0)

@@ -66,7 +66,9 @@ def test_shipped_configs_name_the_new_paths_and_parse_with_the_old_ones(path, tm
     # DemoBaseModule when set)
     assert old.model.init_args.as_dict() == {**new.model.init_args.as_dict(), **REMOVED_HPARAMS}
     callbacks = [c for c in old.trainer.callbacks or [] if c.class_path.startswith("lightning_lvp.callbacks.")]
-    for old_cb, new_cb in zip(callbacks, [c for c in new.trainer.callbacks if c.class_path.startswith("lightning_lvp.")]):
+    for old_cb, new_cb in zip(
+        callbacks, [c for c in new.trainer.callbacks if c.class_path.startswith("lightning_lvp.")]
+    ):
         assert type(instantiate(old_cb.as_dict())) is type(instantiate(new_cb.as_dict()))
 
 

@@ -83,7 +83,8 @@ def test_a_few_steps_lower_the_loss(setup):
     root, folder, dm = setup
     batch = next(iter(dm.train_dataloader()))
     module = DemoBaseModule(
-        str(folder), optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3),
+        str(folder),
+        optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3),
         warmup_ratio=0.0,
         lr_schedule="constant",
         curriculum=False,

@@ -107,7 +107,8 @@ def test_old_module_paths_re_export_the_new_objects(old):
     assert old_mod.__all__, old
     for name in old_mod.__all__:
         obj, new_obj = getattr(old_mod, name), getattr(new_mod, name, getattr(old_mod, name))
-        if (old, name) == ("lightning_lvp.lit_module", "LVPModule"):  # also takes the moved args, to fail naming DemoBaseModule
+        # the old LVPModule also takes the arguments that moved to DemoBaseModule, to fail naming it
+        if (old, name) == ("lightning_lvp.lit_module", "LVPModule"):
             assert issubclass(obj, new_obj) and obj.__mro__[1] is new_obj
         else:
             assert obj is new_obj, (old, name)

@@ -20,6 +20,7 @@ def __getattr__(name: str):
         return getattr(datamodule, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
+
 __all__ = [
     "IGNORE_INDEX",
     "VICUNA_V1",

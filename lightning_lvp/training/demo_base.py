@@ -115,7 +115,10 @@ class DemoBaseModule(TrainingModule):
         if stage == "train" and self.curriculum is not None:
             mask, positions = self.curriculum.apply(batch)  # hidden tokens keep their ORIGINAL positions
         logits = self.llava(
-            input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"], attention_mask=mask, position_ids=positions
+            input_ids=inputs["input_ids"],
+            pixel_values=inputs["pixel_values"],
+            attention_mask=mask,
+            position_ids=positions,
         ).logits
         logits, targets, rows = answer_logits(logits, batch["labels"], mask)
         loss = F.cross_entropy(logits.float(), targets) if targets.numel() else logits.sum() * 0.0

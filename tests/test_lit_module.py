@@ -40,9 +40,10 @@ def test_current_tau_constant_without_tau_final_or_trainer():
 
 
 def test_ratio_targets_anneal_linearly_from_one_then_hold():
-    def module(step, anneal, total=100):
+    def module(step, anneal, total=100, start=1.0):
         trainer = SimpleNamespace(estimated_stepping_batches=total)
-        return SimpleNamespace(hparams=SimpleNamespace(ratio_anneal=anneal), _trainer=trainer, trainer=trainer,
+        hparams = SimpleNamespace(ratio_anneal=anneal, ratio_anneal_start=start)
+        return SimpleNamespace(hparams=hparams, _trainer=trainer, trainer=trainer,
                                global_step=step, method=SimpleNamespace(train_ratios=[0.5, 0.1]))  # fmt: skip
 
     assert LVPModule.current_ratio_targets(module(0, 0.5)) == [1.0, 1.0]
@@ -50,3 +51,7 @@ def test_ratio_targets_anneal_linearly_from_one_then_hold():
     assert LVPModule.current_ratio_targets(module(50, 0.5)) == pytest.approx([0.5, 0.1])
     assert LVPModule.current_ratio_targets(module(90, 0.5)) == pytest.approx([0.5, 0.1])
     assert LVPModule.current_ratio_targets(module(0, 0.0)) == [0.5, 0.1]  # the paper: targets from step 0
+    # from ratio_anneal_start: a target above the start holds, the others start there
+    assert LVPModule.current_ratio_targets(module(0, 0.5, start=0.5)) == [0.5, 0.5]
+    assert LVPModule.current_ratio_targets(module(25, 0.5, start=0.5)) == pytest.approx([0.5, 0.3])
+    assert LVPModule.current_ratio_targets(module(60, 0.5, start=0.5)) == pytest.approx([0.5, 0.1])

@@ -1,5 +1,6 @@
 """Exact values of the training schedules in lightning_lvp/training/module.py: LR multiplier and Gumbel temperature."""
 
+import types
 from types import SimpleNamespace
 
 import pytest
@@ -21,10 +22,15 @@ def test_constant_schedule_and_no_warmup():
     assert warmup_cosine(0, 100, 0, "cosine") == 1.0
 
 
-def _module(tau, tau_final, step, total, with_trainer=True):
-    trainer = SimpleNamespace(estimated_stepping_batches=total) if with_trainer else None
+def _bind(ns: SimpleNamespace) -> SimpleNamespace:
+    ns._fit_steps = types.MethodType(LVPModule._fit_steps, ns)
+    return ns
+
+
+def _module(tau, tau_final, step, total, with_trainer=True, fn="fit"):
+    trainer = SimpleNamespace(estimated_stepping_batches=total, state=SimpleNamespace(fn=fn)) if with_trainer else None
     hparams = SimpleNamespace(tau=tau, tau_final=tau_final)
-    return SimpleNamespace(hparams=hparams, _trainer=trainer, trainer=trainer, global_step=step)
+    return _bind(SimpleNamespace(hparams=hparams, _trainer=trainer, trainer=trainer, global_step=step))
 
 
 def test_current_tau_is_linear_from_tau_to_tau_final():
@@ -40,11 +46,11 @@ def test_current_tau_constant_without_tau_final_or_trainer():
 
 
 def test_ratio_targets_anneal_linearly_from_one_then_hold():
-    def module(step, anneal, total=100, start=1.0):
-        trainer = SimpleNamespace(estimated_stepping_batches=total)
+    def module(step, anneal, total=100, start=1.0, fn="fit"):
+        trainer = SimpleNamespace(estimated_stepping_batches=total, state=SimpleNamespace(fn=fn))
         hparams = SimpleNamespace(ratio_anneal=anneal, ratio_anneal_start=start)
-        return SimpleNamespace(hparams=hparams, _trainer=trainer, trainer=trainer,
-                               global_step=step, method=SimpleNamespace(train_ratios=[0.5, 0.1]))  # fmt: skip
+        return _bind(SimpleNamespace(hparams=hparams, _trainer=trainer, trainer=trainer,
+                                     global_step=step, method=SimpleNamespace(train_ratios=[0.5, 0.1])))  # fmt: skip
 
     assert LVPModule.current_ratio_targets(module(0, 0.5)) == [1.0, 1.0]
     assert LVPModule.current_ratio_targets(module(25, 0.5)) == pytest.approx([0.75, 0.55])
@@ -55,3 +61,9 @@ def test_ratio_targets_anneal_linearly_from_one_then_hold():
     assert LVPModule.current_ratio_targets(module(0, 0.5, start=0.5)) == [0.5, 0.5]
     assert LVPModule.current_ratio_targets(module(25, 0.5, start=0.5)) == pytest.approx([0.5, 0.3])
     assert LVPModule.current_ratio_targets(module(60, 0.5, start=0.5)) == pytest.approx([0.5, 0.1])
+    # `validate` / `test` alone have no step budget (estimated_stepping_batches raises there): final values
+    assert LVPModule.current_ratio_targets(module(0, 0.5, fn="validate")) == [0.5, 0.1]
+
+
+def test_current_tau_outside_fit_is_the_final_value():
+    assert LVPModule.current_tau(_module(1.0, 0.2, 0, 100, fn="validate")) == pytest.approx(0.2)

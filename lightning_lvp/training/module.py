@@ -138,22 +138,32 @@ class LVPModule(TrainingModule):
         return [stage_name(layer) for layer in self.method.after_layers] if self.method else []
 
     # ------------------------------------------------------------------------------------ steps
+    def _fit_steps(self) -> int | None:
+        """Optimizer steps of the running fit; None without a trainer or outside ``fit`` (``validate`` /
+        ``test`` alone have no step budget: the schedules then take their end-of-training values)."""
+        if self._trainer is None:
+            return None
+        state = getattr(self.trainer, "state", None)
+        if state is not None and getattr(state, "fn", None) not in (None, "fit"):
+            return None
+        return max(1, int(self.trainer.estimated_stepping_batches))
+
     def current_tau(self) -> float:
         """Gumbel temperature now: constant, or linear from tau to tau_final over training."""
         hp = self.hparams
         if hp.tau_final is None or self._trainer is None:
             return hp.tau
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        frac = min(1.0, self.global_step / total)
+        total = self._fit_steps()
+        frac = 1.0 if total is None else min(1.0, self.global_step / total)
         return hp.tau + (hp.tau_final - hp.tau) * frac
 
     def current_ratio_targets(self) -> list[float]:
         """Targets of L_ratio now: ``train_ratios``, or on the way there from ``ratio_anneal_start`` during
         ``ratio_anneal``."""
         hp, final = self.hparams, list(self.method.train_ratios)
-        if hp.ratio_anneal <= 0 or self._trainer is None:
+        total = self._fit_steps()
+        if hp.ratio_anneal <= 0 or total is None:
             return final
-        total = max(1, int(self.trainer.estimated_stepping_batches))
         frac = min(1.0, self.global_step / max(1.0, hp.ratio_anneal * total))
         starts = [max(hp.ratio_anneal_start, r) for r in final]
         return [s + (r - s) * frac for s, r in zip(starts, final)]

@@ -32,7 +32,13 @@ from lightning_lvp.methods.lvp import LVPruning
 from lightning_lvp.model import PrunedLlava
 
 
-def build(model_path: str, cache_dir: str, ratio_control: float, grad_clip_quantile: float | None, logit_bound: float | None = None):
+def build(
+    model_path: str,
+    cache_dir: str,
+    ratio_control: float,
+    grad_clip_quantile: float | None,
+    logit_bound: float | None = None,
+):
     llava = adapter.load_llava(model_path)
     method = LVPruning(
         after_layers=[0], keep_ratios=[4 / 36], train_ratios=[0.5], num_heads=4, input_norm=True, rotary=True,
@@ -106,7 +112,14 @@ def recall_at_4(model: PrunedLlava, val: list[dict]) -> float:
 
 
 def train(
-    model: PrunedLlava, method: LVPruning, data, steps: int, lr: float, ratio: float, seed: int | None, weight_decay: float = 0.0
+    model: PrunedLlava,
+    method: LVPruning,
+    data,
+    steps: int,
+    lr: float,
+    ratio: float,
+    seed: int | None,
+    weight_decay: float = 0.0,
 ) -> None:
     if seed is not None:
         torch.manual_seed(seed)
@@ -150,7 +163,9 @@ def main() -> None:
     )
     args = p.parse_args()
     torch.manual_seed(0)
-    model, method, data = build(args.model_path, args.cache_dir, args.ratio_control, args.grad_clip_quantile, args.logit_bound)
+    model, method, data = build(
+        args.model_path, args.cache_dir, args.ratio_control, args.grad_clip_quantile, args.logit_bound
+    )
     if args.what == "gradient":
         gradient(model, method, data, args.batches)
     else:

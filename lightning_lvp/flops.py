@@ -276,7 +276,12 @@ class _Counted(nn.Module):
         p = self.pruned
         images = {k: batch[k] for k in p.family.image_input_names if k in batch}  # e.g. Qwen's image_grid_thw
         out = p.forward_infer(
-            batch["input_ids"], batch["pixel_values"], batch.get("attention_mask"), batch.get("prompt_mask"), ratios, **images
+            batch["input_ids"],
+            batch["pixel_values"],
+            batch.get("attention_mask"),
+            batch.get("prompt_mask"),
+            ratios,
+            **images,
         )
         if self.lm_head == "last":
             p.logits(out.hidden[:, -1:])  # the last slot is the last real token (DESIGN: left-packed)

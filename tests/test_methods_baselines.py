@@ -254,7 +254,9 @@ def test_pdrop_matches_eager_attention_of_the_following_layer(llava):
 def test_pdrop_stages_use_the_following_layers(llava, monkeypatch):
     layers = []
     original = family_for(llava).attention_probs
-    monkeypatch.setattr(family_for(llava), "attention_probs", lambda m, i, *a: (layers.append(i), original(m, i, *a))[1])
+    monkeypatch.setattr(
+        family_for(llava), "attention_probs", lambda m, i, *a: (layers.append(i), original(m, i, *a))[1]
+    )
     ids, pixels = prompt()
     out = PrunedLlava(llava, PyramidDrop(layers=[1, 2], lam=0.5)).forward_infer(ids, pixels)
     assert layers == [1, 2]  # 0-based: the layer after each boundary

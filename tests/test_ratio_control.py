@@ -95,7 +95,9 @@ def test_clip_sample_grads_caps_outlier_samples():
     """Backward of clip_sample_grads: per-sample gradient norms above the batch quantile are scaled
     down to it, the others pass unchanged; forward is the identity."""
     x = torch.zeros(4, 3, requires_grad=True)
-    weights = torch.tensor([[3.0, 4.0, 0.0], [0.0, 0.6, 0.8], [0.3, 0.4, 0.0], [60.0, 80.0, 0.0]])  # norms 5, 1, .5, 100
+    weights = torch.tensor(
+        [[3.0, 4.0, 0.0], [0.0, 0.6, 0.8], [0.3, 0.4, 0.0], [60.0, 80.0, 0.0]]
+    )  # norms 5, 1, .5, 100
     y = clip_sample_grads(x, 0.5)
     assert torch.equal(y, x)
     (y * weights).sum().backward()

@@ -328,11 +328,6 @@ class VLMFamily:
         """
         raise NotImplementedError
 
-    def expand_image_inputs(self, model: nn.Module, input_ids, image_inputs: dict, expand_size: int) -> dict:
-        """``pixel_values`` and the extra image inputs of each sample repeated ``expand_size`` times, in sample
-        order (beam search, ``num_return_sequences``). Default: batch-first tensors, ``repeat_interleave``."""
-        return {k: v.repeat_interleave(expand_size, 0) if torch.is_tensor(v) else v for k, v in image_inputs.items()}
-
     def expand_image_inputs(self, model: nn.Module, input_ids: torch.Tensor, images: dict, expand_size: int) -> dict:
         """Image inputs for ``expand_size`` copies of every row (beams, ``num_return_sequences``).
 

@@ -165,13 +165,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
-    p.add_argument("--after-layers", default="1,8,16", help="LVPruning module positions")
+    p.add_argument("--after_layers", "--after-layers", default="1,8,16", help="LVPruning module positions")
     p.add_argument("--rhos", type=float, nargs="+", default=[0.6, 0.5, 0.45], help="schedules [rho, rho-0.2, rho-0.4]")
-    p.add_argument("--text-tokens", type=int, default=30)
+    p.add_argument("--text_tokens", "--text-tokens", type=int, default=30)
     p.add_argument("--repeats", type=int, default=20, help="timed prefill runs per schedule")
-    p.add_argument("--decode-repeats", type=int, default=5)
-    p.add_argument("--train-repeats", type=int, default=5, help="0 = skip the training-step comparison")
-    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--decode_repeats", "--decode-repeats", type=int, default=5)
+    p.add_argument(
+        "--train_repeats", "--train-repeats", type=int, default=5, help="0 = skip the training-step comparison"
+    )
+    p.add_argument("--new_tokens", "--new-tokens", type=int, default=64)
     p.add_argument("--json", help="also write the report as JSON here")
     args = p.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():

@@ -26,7 +26,7 @@ from lightning_lvp.data.tokenizer import build_tiny_tokenizer
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=256, help="samples")
-    p.add_argument("--batch-size", type=int, default=16, help="batch size")
+    p.add_argument("--batch_size", "--batch-size", type=int, default=16, help="batch size")
     args = p.parse_args()
     tmp = Path(tempfile.mkdtemp())
     rng = np.random.default_rng(0)

@@ -485,16 +485,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=16, help="LLM layers (modules after 1, L/4, L/2)")
     p.add_argument("--hidden", type=int, default=512, help="LLM hidden size (64-dim heads)")
     p.add_argument("--repeats", type=int, default=7, help="timed prefill runs per schedule")
-    p.add_argument("--decode-repeats", type=int, default=3, help="timed generate runs per schedule and length")
-    p.add_argument("--train-repeats", type=int, default=5, help="timed training steps per variant")
-    p.add_argument("--new-tokens", type=int, default=64, help="decoded tokens")
+    p.add_argument(
+        "--decode_repeats", "--decode-repeats", type=int, default=3, help="timed generate runs per schedule and length"
+    )
+    p.add_argument("--train_repeats", "--train-repeats", type=int, default=5, help="timed training steps per variant")
+    p.add_argument("--new_tokens", "--new-tokens", type=int, default=64, help="decoded tokens")
     p.add_argument(
         "--threads", type=int, default=1, help="torch threads (0 = torch's default; 1 is robust on a shared machine)"
     )
-    p.add_argument("--hf-batches", default="1,8", help="batch sizes of the HF generate() comparison ('' = skip it)")
-    p.add_argument("--hf-new-tokens", type=int, default=32, help="decoded tokens in the HF generate() comparison")
-    p.add_argument("--hf-repeats", type=int, default=3, help="timed runs per variant in the HF generate() comparison")
-    p.add_argument("--only-hf", action="store_true", help="run only the HF generate() comparison")
+    p.add_argument(
+        "--hf_batches", "--hf-batches", default="1,8", help="batch sizes of the HF generate() comparison ('' = skip it)"
+    )
+    p.add_argument(
+        "--hf_new_tokens",
+        "--hf-new-tokens",
+        type=int,
+        default=32,
+        help="decoded tokens in the HF generate() comparison",
+    )
+    p.add_argument(
+        "--hf_repeats",
+        "--hf-repeats",
+        type=int,
+        default=3,
+        help="timed runs per variant in the HF generate() comparison",
+    )
+    p.add_argument("--only_hf", "--only-hf", action="store_true", help="run only the HF generate() comparison")
     p.add_argument("--quick", action="store_true", help="2 repeats everywhere (smoke run)")
     p.add_argument("--json", help="also write the report as JSON here")
     args = p.parse_args(argv)

@@ -42,7 +42,9 @@ def prompts() -> list[tuple[list[int], list[int]]]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--divprune-src", required=True, help="the LLaVA/ folder of github.com/vbdi/divprune")
+    p.add_argument(
+        "--divprune_src", "--divprune-src", required=True, help="the LLaVA/ folder of github.com/vbdi/divprune"
+    )
     p.add_argument("--out", default="tests/golden")
     args = p.parse_args()
     sys.path.insert(0, args.divprune_src)  # the authors' patched llava package, before llava-torch

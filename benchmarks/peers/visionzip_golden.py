@@ -141,7 +141,10 @@ def run(model, ids: list[int], pixels: torch.Tensor) -> list[int]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
-        "--visionzip-src", required=True, help="the unpacked visionzip-0.1.3 sdist (folder holding visionzip/)"
+        "--visionzip_src",
+        "--visionzip-src",
+        required=True,
+        help="the unpacked visionzip-0.1.3 sdist (folder holding visionzip/)",
     )
     p.add_argument("--out", default="tests/golden", help="output folder")
     args = p.parse_args()

@@ -80,3 +80,51 @@ def hf_inputs(batch: dict) -> dict:
 
 def build(seed: int = 0, **kw):
     return qwen.build_tiny(seed=seed, **kw)
+
+
+WORDS = "What is in the picture ? a cat on mat colour it black digit row".split() + [str(i) for i in range(10)]
+
+
+def tiny_qwen_folder(folder, num_layers: int = 4, seed: int = 0, words: list[str] = WORDS):
+    """A tiny Qwen2.5-VL model folder as a hub checkpoint has it: weights + config (special ids from the
+    tokenizer), tokenizer with the chat template, ``preprocessor_config.json`` (4 px patches, 2x2 merge).
+
+    Returns:
+        (model, QwenProcessor) as saved.
+    """
+    import copy
+
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from lightning_lvp.data.qwen_chat import QwenProcessor, build_tiny_qwen_tokenizer, tiny_qwen_image_processor
+
+    tok = build_tiny_qwen_tokenizer(words)
+    processor = QwenProcessor(tok, tiny_qwen_image_processor(patch_size=4, max_pixels=64 * 64))
+    config = qwen.tiny_config(num_layers=num_layers, vocab_size=len(tok) + 1)
+    ids = {
+        "image_token_id": tok.convert_tokens_to_ids("<|image_pad|>"),
+        "vision_start_token_id": tok.convert_tokens_to_ids("<|vision_start|>"),
+        "vision_end_token_id": tok.convert_tokens_to_ids("<|vision_end|>"),
+    }
+    for name, value in {**ids, "video_token_id": len(tok)}.items():  # no video token in the vocabulary
+        setattr(config, name, value)
+    config.text_config.pad_token_id = tok.pad_token_id
+    config.text_config.eos_token_id = tok.eos_token_id
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration._from_config(copy.deepcopy(config), attn_implementation="sdpa")
+    model.eval().save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return model, processor
+
+
+def write_images(folder, sizes: list[tuple[int, int]], seed: int = 0) -> list[str]:
+    """Random RGB PNGs of (width, height) ``sizes`` in ``folder``; their file names."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    names = []
+    for i, (w, h) in enumerate(sizes):
+        pixels = (torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(f"{folder}/im{i}.png")
+        names.append(f"im{i}.png")
+    return names

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import itertools
 import logging
+import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -63,7 +65,9 @@ class LlavaCollator:
         """Collates samples, dropping skipped ones.
 
         Returns:
-            ``input_ids`` / ``attention_mask`` / ``labels``: Long (B, T); ``pixel_values``: (B, 3, H, W);
+            ``input_ids`` / ``attention_mask`` / ``labels``: Long (B, T); ``pixel_values``: (B, 3, H, W)
+            (LLaVA-NeXT: (B, V_max, 3, H, W) + ``image_sizes`` (B, 2); Qwen2.5-VL: the flat patches of all
+            images concatenated, (sum_i t_i h_i w_i, C * 2 * p * p), + ``image_grid_thw`` (n_images, 3));
             ``vision_mask`` / ``prompt_mask`` (and ``relevant_mask`` when the samples carry it): Bool (B, T);
             ``ids`` / ``answers`` / ``question_types`` / ``images``: list[str]; ``skipped``: the :class:`Skipped`
             records (id, file, reason), only when some samples were skipped. ``labels`` is absent for
@@ -80,7 +84,11 @@ class LlavaCollator:
         batch["attention_mask"] = _pad([torch.ones_like(t) for t in ids], 0, side)
         if all("labels" in s for s in kept):
             batch["labels"] = _pad([s["labels"] for s in kept], IGNORE_INDEX, side)
-        batch["pixel_values"] = _stack_images([s["pixel_values"] for s in kept])
+        if all("image_grid_thw" in s for s in kept):  # Qwen2.5-VL: flat patches of every image, sample by sample
+            batch["pixel_values"] = torch.cat([s["pixel_values"] for s in kept])
+            batch["image_grid_thw"] = torch.cat([s["image_grid_thw"] for s in kept])  # (n_images, 3)
+        else:
+            batch["pixel_values"] = _stack_images([s["pixel_values"] for s in kept])
         if all("image_size" in s for s in kept):  # LLaVA-NeXT: (B, 2) original (height, width)
             batch["image_sizes"] = torch.stack([s["image_size"] for s in kept])
         batch["vision_mask"] = _pad([s["vision_mask"] for s in kept], False, side)
@@ -252,3 +260,18 @@ def answer_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     target = labels[:, 1:]
     supervised = target != IGNORE_INDEX
     return ((predicted == target) | ~supervised).all(-1) & supervised.any(-1)
+
+
+@contextmanager
+def entry_ids_in_errors(batch: dict) -> Iterator[None]:
+    """Re-raises a ``ValueError`` that names ``sample i`` of ``batch`` (a model-side check: a token count that
+    does not match the images, a ratio that leaves a sample no vision token) with that sample's entry id."""
+    try:
+        yield
+    except ValueError as error:
+        found = re.search(r"\bsample (\d+)\b", str(error))
+        ids = batch.get("ids") or []
+        if found is None or int(found.group(1)) >= len(ids):
+            raise
+        i = int(found.group(1))
+        raise ValueError(f"{error} [sample {i} of this batch is entry {ids[i]!r}]") from error

@@ -13,7 +13,7 @@ from typing import Literal
 import lightning as L
 import torch
 from torch.utils.data import Sampler
-from transformers import AutoProcessor, ProcessorMixin
+from transformers import ProcessorMixin
 
 from lightning_lvp.data.collate import LlavaCollator, SkipCountingLoader, SkipTally
 from lightning_lvp.data.digits import DigitsConfig, ensure_digits_dataset
@@ -26,6 +26,8 @@ from lightning_lvp.data.llava_dataset import (
     load_entries,
     num_image_tokens,
 )
+from lightning_lvp.data.processors import load_processor
+from lightning_lvp.data.qwen_chat import is_qwen_processor
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +88,14 @@ class LlavaDataModule(L.LightningDataModule):
         seed: seed of the held-out split, the training shuffle (a function of seed and epoch, restored exactly on
             resume) and the length-grouped shuffle.
         pin_memory: pin batches in page-locked memory (faster host-to-GPU copies).
+        min_pixels: Qwen2.5-VL only: lower pixel bound of its image processor's resize (null = the model
+            folder's preprocessor_config.json; the hub's Qwen2.5-VL-7B: 3,136 = 56 x 56 px, i.e. >= 4 tokens).
+        max_pixels: Qwen2.5-VL only: upper pixel bound (null = the folder's; the hub's 7B: 12,845,056 px,
+            i.e. <= 16,384 tokens). Each image gives (h / 28) (w / 28) tokens after the resize.
+
+    The family (and so the chat template, label masking and image inputs) is the model's: read from
+    ``processor_path``'s ``config.json`` (LLaVA-1.5 / LLaVA-NeXT: vicuna_v1 + the llava-hf processor;
+    Qwen2.5-VL: ChatML + tokenizer and ``Qwen2VLImageProcessorPil``, no torchvision needed).
     """
 
     def __init__(
@@ -109,6 +119,8 @@ class LlavaDataModule(L.LightningDataModule):
         max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
         seed: int = 0,
         pin_memory: bool = False,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["digits"])
@@ -125,6 +137,7 @@ class LlavaDataModule(L.LightningDataModule):
         self.padding_side, self.group_by_length = padding_side, group_by_length
         self.bad_samples, self.pad_to_square, self.seed, self.pin_memory = bad_samples, pad_to_square, seed, pin_memory
         self.max_image_pixels = max_image_pixels
+        self.min_pixels, self.max_pixels = min_pixels, max_pixels
         self._validate()
         self.processor: ProcessorMixin | None = None
         self.train_set: LlavaDataset | None = None
@@ -154,6 +167,9 @@ class LlavaDataModule(L.LightningDataModule):
             raise ValueError(f"data.padding_side must be 'right' or 'left', got {self.padding_side!r}")
         if self.bad_samples not in POLICIES:
             raise ValueError(f"data.bad_samples must be one of {POLICIES}, got {self.bad_samples!r}")
+        for name in ("min_pixels", "max_pixels"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"data.{name} must be >= 1 or null (the model folder's), got {getattr(self, name)}")
         if self.max_image_pixels is not None and self.max_image_pixels < 1:
             raise ValueError(f"data.max_image_pixels must be >= 1 or null (no limit), got {self.max_image_pixels}")
 
@@ -168,22 +184,36 @@ class LlavaDataModule(L.LightningDataModule):
             ensure_digits_dataset(self.digits, self.cache_dir)
 
     def load_processor(self) -> ProcessorMixin:
-        """The LlavaProcessor saved in ``processor_path`` (loaded once)."""
+        """The processor saved in ``processor_path`` (loaded once), of the model's family: a LlavaProcessor /
+        LlavaNextProcessor, or for Qwen2.5-VL a :class:`~lightning_lvp.data.qwen_chat.QwenProcessor`."""
         if self.processor is None:
             if not Path(self.processor_path).is_dir():
                 raise FileNotFoundError(f"data.processor_path is not a folder: {self.processor_path}")
-            self.processor = AutoProcessor.from_pretrained(self.processor_path)
-            if not hasattr(self.processor, "image_processor") or not hasattr(self.processor, "patch_size"):
+            try:
+                self.processor = load_processor(self.processor_path, self.min_pixels, self.max_pixels)
+            except ValueError as e:
+                raise ValueError(f"data.processor_path {self.processor_path}: {e}") from None
+            if not hasattr(self.processor, "image_processor") or not (
+                hasattr(self.processor, "patch_size") or is_qwen_processor(self.processor)
+            ):
                 raise ValueError(f"data.processor_path {self.processor_path} does not hold a LlavaProcessor")
         return self.processor
 
     @property
     def num_image_tokens(self) -> int:
-        """Image tokens per sample, as the model's processor counts them."""
-        return num_image_tokens(self.load_processor())
+        """Image tokens per sample, as the model's processor counts them (fixed-size families only)."""
+        processor = self.load_processor()
+        if is_qwen_processor(processor):
+            raise ValueError("Qwen2.5-VL has dynamic resolution: the image-token count differs per image")
+        return num_image_tokens(processor)
 
     def _check_digits_fit(self, processor: ProcessorMixin) -> None:
         """The digits images must match the processor's input size and patch size."""
+        if is_qwen_processor(processor):
+            raise ValueError(
+                f"data.dataset 'digits' is made for the demo's LLaVA-1.5 (one patch per cell); the model at "
+                f"{self.processor_path} is Qwen2.5-VL: give LLaVA-format JSON (data.dataset 'llava')"
+            )
         side = processor.image_processor.crop_size["height"]
         if self.digits.image_size != side:
             raise ValueError(

@@ -38,6 +38,14 @@ from lightning_lvp.data.conversation import (
     render_conversation,
     tokenize_conversation,
 )
+from lightning_lvp.data.qwen_chat import (
+    IMAGE_PAD,
+    is_qwen_processor,
+    qwen_image_tokens,
+    qwen_max_image_tokens,
+    render_chatml,
+    tokenize_chatml,
+)
 
 log = logging.getLogger(__name__)
 
@@ -420,7 +428,11 @@ class LlavaDataset(Dataset):
             done after resizing to the processor's size (:func:`resize_then_pad`), so memory stays bounded.
             Ignored for a LLaVA-NeXT processor (anyres keeps the aspect ratio: base view + crops; each
             sample then carries ``pixel_values`` (V, 3, H, W) and ``image_size`` (height, width), and
-            its ``<image>`` expands to the processor's count for that size).
+            its ``<image>`` expands to the processor's count for that size). Ignored for a Qwen2.5-VL
+            processor too (:func:`~lightning_lvp.data.qwen_chat.is_qwen_processor`): dynamic resolution,
+            Qwen's ChatML template and labels (``data/qwen_chat.py``); each sample carries flat patches
+            ``pixel_values`` (N, C * 2 * p * p) and ``image_grid_thw`` (1, 3), its ``<|image_pad|>``
+            expanded to ``t h w / merge_size^2`` tokens.
         max_image_pixels: images with more pixels are bad samples (``image_too_large``), checked before decoding.
     """
 
@@ -439,19 +451,23 @@ class LlavaDataset(Dataset):
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         self.entries = PackedEntries(entries)
-        words = [sum(len(t["value"].split()) for t in e["conversations"]) for e in entries]
-        self._lengths = np.asarray(words, dtype=np.int64) + num_image_tokens(processor)
         self.image_folders = list(image_folders)
         self.tokenizer = processor.tokenizer
         self.image_processor = processor.image_processor
         self.processor = processor
-        self.anyres = is_anyres(processor)
-        self.num_image_tokens = num_image_tokens(processor)
-        self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        self.qwen = is_qwen_processor(processor)  # Qwen2.5-VL: flat patches + image_grid_thw, ChatML
+        self.anyres = not self.qwen and is_anyres(processor)
+        # Qwen: the count depends on each image; its upper bound is the length estimate for grouping
+        self.num_image_tokens = None if self.qwen else num_image_tokens(processor)
+        words = [sum(len(t["value"].split()) for t in e["conversations"]) for e in entries]
+        estimate = qwen_max_image_tokens(self.image_processor) if self.qwen else self.num_image_tokens
+        self._lengths = np.asarray(words, dtype=np.int64) + estimate
+        image_token = IMAGE_PAD if self.qwen else IMAGE_TOKEN
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(image_token)
         if self.image_token_id is None or self.image_token_id == self.tokenizer.unk_token_id:
             raise ValueError(
-                f"the tokenizer of the processor ({getattr(self.tokenizer, 'name_or_path', '')}) has no {IMAGE_TOKEN} "
-                f"token: add it (tokenizer.add_tokens(['{IMAGE_TOKEN}'], special_tokens=True), then save_pretrained) "
+                f"the tokenizer of the processor ({getattr(self.tokenizer, 'name_or_path', '')}) has no {image_token} "
+                f"token: add it (tokenizer.add_tokens(['{image_token}'], special_tokens=True), then save_pretrained) "
                 "and set the model config's image_token_id to its id"
             )
         self.max_length = max_length
@@ -487,7 +503,8 @@ class LlavaDataset(Dataset):
         return BadSampleError(f"entry {entry.get('id')!r}{where}: {reason}: {detail}", reason, file)
 
     def _image(self, entry: dict) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """(3, H, W) pixel values of the entry's image; anyres: ((V, 3, H, W) views, (2,) image size)."""
+        """(3, H, W) pixel values of the entry's image; anyres: ((V, 3, H, W) views, (2,) image size);
+        Qwen2.5-VL: ((N, C * 2 * p * p) flat patches, (1, 3) image_grid_thw)."""
         path = resolve_image(entry["image"], self.image_folders)
         try:
             image = open_rgb(path, self.max_image_pixels)
@@ -497,7 +514,7 @@ class LlavaDataset(Dataset):
             raise self._bad(entry, "image_too_large", str(e), path) from None
         except (OSError, ValueError, SyntaxError) as e:  # PIL: UnidentifiedImageError, truncated data, ...
             raise self._bad(entry, "unreadable_image", f"{type(e).__name__}: {e}", path) from None
-        if self.anyres:
+        if self.anyres or self.qwen:  # both processors return their own extra tensor: same call
             return self._anyres_views(entry, image, path)
         if self.pad_to_square and self.input_side:
             image = resize_then_pad(image, self.input_side, self.background, self.resample)
@@ -511,36 +528,54 @@ class LlavaDataset(Dataset):
             raise self._bad(entry, "unreadable_image", f"image processor failed: {type(e).__name__}: {e}", path) from e
 
     def _anyres_views(self, entry: dict, image: Image.Image, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-        """LLaVA-NeXT's image processor: ((V, 3, H, W) base view + crops, (2,) original (height, width))."""
+        """LLaVA-NeXT's image processor: ((V, 3, H, W) base view + crops, (2,) original (height, width));
+        Qwen2-VL's: ((N, C * 2 * p * p) flat patches, (1, 3) image_grid_thw)."""
         try:
-            out = self.image_processor(image, return_tensors="pt")
+            out = self.image_processor(images=[image], return_tensors="pt")
         except Exception as e:  # name the entry, not the processor
             raise self._bad(entry, "unreadable_image", f"image processor failed: {type(e).__name__}: {e}", path) from e
+        if self.qwen:
+            return out["pixel_values"], torch.as_tensor(out["image_grid_thw"]).long()
         return out["pixel_values"][0], torch.as_tensor(out["image_sizes"][0]).long()
 
-    def _load(self, entry: dict) -> dict:
+    def _tokenize(self, entry: dict) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor, str]:
+        """Image inputs, input_ids (T,), labels (T,), vision mask (T,) and the last answer, per family."""
+        if self.qwen:  # Qwen2.5-VL's ChatML template and labels; <|image_pad|> -> the image's count
+            rendered = render_chatml(entry["conversations"], prompt_only=self.prompt_only)
+            pixel_values, grid = self._image(entry)
+            try:
+                ids, labels, vision = tokenize_chatml(
+                    rendered, self.tokenizer, qwen_image_tokens(self.image_processor, grid), self.image_token_id
+                )
+            except ValueError as e:  # e.g. a literal <|image_pad|> in the text: placeholders != images
+                detail = f"{e} (one <image> per image; the text itself must not hold Qwen's vision tokens)"
+                raise self._bad(entry, "image_token_mismatch", detail) from None
+            return {"pixel_values": pixel_values, "image_grid_thw": grid}, ids, labels, vision, rendered.answer
         turns = [{"from": t["from"], "value": move_image_token_to_front(t["value"])} for t in entry["conversations"]]
         rendered = render_conversation(turns, self.template, prompt_only=self.prompt_only)
-        image_size, count = None, self.num_image_tokens
+        image, count = {}, self.num_image_tokens
         if self.anyres:  # the token count depends on the image: decode it first
             pixel_values, image_size = self._image(entry)
+            image = {"pixel_values": pixel_values, "image_size": image_size}
             count = anyres_image_tokens(self.processor, tuple(image_size.tolist()))
-        input_ids, labels, vision = tokenize_conversation(rendered, self.tokenizer, count, self.image_token_id)
+        ids, labels, vision = tokenize_conversation(rendered, self.tokenizer, count, self.image_token_id)
+        return image, ids, labels, vision, rendered.answer
+
+    def _load(self, entry: dict) -> dict:
+        image, input_ids, labels, vision, answer = self._tokenize(entry)
         input_ids, labels, vision = self._truncate(entry, input_ids, labels, vision)
-        if not self.anyres:
-            pixel_values = self._image(entry)
+        if not image:  # LLaVA-1.5: the count is fixed, decode after the length checks
+            image = {"pixel_values": self._image(entry)}
         sample = {
             "input_ids": input_ids,
             "vision_mask": vision,
             "prompt_mask": self._prompt_mask(labels, vision),
-            "pixel_values": pixel_values,
+            **image,  # pixel_values (+ image_size for LLaVA-NeXT, image_grid_thw for Qwen2.5-VL)
             "id": str(entry["id"]),
-            "answer": rendered.answer,
+            "answer": answer,
             "question_type": str(entry.get("question_type", "")),
             "image": str(entry["image"]),  # image identity: questions about one image are compared by it
         }
-        if image_size is not None:
-            sample["image_size"] = image_size
         if not self.prompt_only:
             sample["labels"] = labels
         if entry.get("relevant_patches") is not None:

@@ -17,6 +17,11 @@ reply span. Each ``<|image_pad|>`` is then expanded to its image's ``t h w / 4``
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
 import torch
 from transformers import PreTrainedTokenizerBase
 
@@ -151,3 +156,72 @@ def tiny_qwen_image_processor(patch_size: int = 4, max_pixels: int = 64 * 64):
         temporal_patch_size=2,
         size={"shortest_edge": (2 * patch_size) ** 2, "longest_edge": max_pixels},
     )
+
+
+@dataclass
+class QwenProcessor:
+    """The two parts of ``Qwen2_5_VLProcessor`` the data pipeline uses, loadable WITHOUT torchvision.
+
+    ``Qwen2_5_VLProcessor`` (and ``AutoProcessor`` on a Qwen folder) also builds a video processor, which
+    needs torchvision; images only need the tokenizer and Qwen2-VL's PIL image processor
+    (``Qwen2VLImageProcessorPil``: smart resize to multiples of ``patch_size * merge_size``, flat patches,
+    ``image_grid_thw``). Each image gives ``t h w / merge_size^2`` ``<|image_pad|>`` tokens.
+
+    Args:
+        tokenizer: the model's tokenizer (knows ``<|image_pad|>``, ``<|vision_start|>``, ...).
+        image_processor: a ``Qwen2VLImageProcessorPil`` (or any image processor with its outputs).
+    """
+
+    tokenizer: PreTrainedTokenizerBase
+    image_processor: Any
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | os.PathLike, min_pixels: int | None = None, max_pixels: int | None = None
+    ) -> QwenProcessor:
+        """The tokenizer and image processor of a Qwen2.5-VL model folder (or hub id).
+
+        Args:
+            path: the folder with ``tokenizer.json`` / ``tokenizer_config.json`` and ``preprocessor_config.json``.
+            min_pixels: lower pixel bound of the resize (None = the folder's; the hub's 7B: 3,136 = 56 x 56).
+            max_pixels: upper pixel bound (None = the folder's; the hub's 7B: 12,845,056 = 28 x 28 x 16,384).
+        """
+        from transformers import AutoTokenizer
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        bounds = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v is not None}
+        for name, value in bounds.items():
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1 or null (the folder's value), got {value}")
+        image_processor = Qwen2VLImageProcessorPil.from_pretrained(str(path), **bounds)
+        size = image_processor.size
+        if size["shortest_edge"] > size["longest_edge"]:
+            raise ValueError(
+                f"min_pixels {size['shortest_edge']} > max_pixels {size['longest_edge']} for the processor of {path}"
+            )
+        return cls(AutoTokenizer.from_pretrained(str(path)), image_processor)
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Writes the tokenizer and ``preprocessor_config.json`` into ``folder`` (a model folder)."""
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(str(folder))
+        self.image_processor.save_pretrained(str(folder))
+
+
+def is_qwen_processor(processor: object) -> bool:
+    """A Qwen2-VL-style processor: flat patches + ``image_grid_thw`` (its image processor has ``merge_size``
+    and ``temporal_patch_size``); a :class:`QwenProcessor` or HF's own ``Qwen2_5_VLProcessor``."""
+    image_processor = getattr(processor, "image_processor", None)
+    return all(getattr(image_processor, k, None) is not None for k in ("merge_size", "temporal_patch_size"))
+
+
+def qwen_image_tokens(image_processor: Any, image_grid_thw: torch.Tensor) -> list[int]:
+    """LLM tokens of each image: ``t h w / merge_size^2`` of its ``image_grid_thw`` row (the processor's
+    ``replace_image_token``; ``families.qwen2_5_vl.tokens_per_image`` counts the same from the model config)."""
+    return (image_grid_thw.prod(-1) // int(image_processor.merge_size) ** 2).tolist()
+
+
+def qwen_max_image_tokens(image_processor: Any) -> int:
+    """Tokens of an image at the processor's upper pixel bound (``size.longest_edge``), for length estimates."""
+    factor = int(image_processor.patch_size) * int(image_processor.merge_size)
+    return max(1, int(image_processor.size["longest_edge"]) // factor**2)

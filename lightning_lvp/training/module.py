@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 
 from lightning_lvp import adapter
+from lightning_lvp.data.collate import entry_ids_in_errors
 from lightning_lvp.decision import ratio_loss
 from lightning_lvp.eval.teacher_forced import model_inputs, per_sample_exact_match, stage_name
 from lightning_lvp.io import method_spec
@@ -201,7 +202,8 @@ class LVPModule(TrainingModule):
         return result
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        res = self._losses(batch, "train")
+        with entry_ids_in_errors(batch):  # model-side input errors name the entry id, not only the row
+            res = self._losses(batch, "train")
         self.last_step_values = {
             k: float(v.detach()) for k, v in res.items()
         }  # this rank's values, before the all-reduce
@@ -216,11 +218,12 @@ class LVPModule(TrainingModule):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         bs = batch["input_ids"].shape[0]
-        res = self._losses(batch, "val")  # masked path: losses and kept ratios on held-out data
+        with entry_ids_in_errors(batch):
+            res = self._losses(batch, "val")  # masked path: losses and kept ratios on held-out data
         for k, v in res.items():
             self.log(f"val/{k}", v, prog_bar=k.startswith("kept_ratio"), batch_size=bs, sync_dist=True)
         # token-removing inference path at the validation schedule: the deployment accuracy
-        with torch.no_grad():
+        with torch.no_grad(), entry_ids_in_errors(batch):
             out = self.model.forward_infer(**model_inputs(batch), ratios=self.hparams.val_ratios)
             logits, targets, rows = self.model.label_logits(out.hidden, out.state, batch["labels"])
             acc = per_sample_exact_match(logits, targets, rows, bs).float().mean()

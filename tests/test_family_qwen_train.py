@@ -269,3 +269,78 @@ def test_bad_input_on_the_qwen_path_names_the_entry(folder, tmp_path):
     wrong = {**batch, "image_grid_thw": grid, "pixel_values": batch["pixel_values"][: int(grid.prod(-1).sum())]}
     with pytest.raises(ValueError, match=r"sample 0 has 48 image tokens .*\[sample 0 of this batch is entry 'big'\]"):
         module.training_step(wrong, 0)
+
+
+def test_shipped_qwen_config_trains_a_tiny_28_layer_qwen(folder, tmp_path):
+    """experiments/qwen2_5_vl_rho05.yaml: the paper's schedule on Qwen2.5-VL-7B's architecture (28 layers, the
+    shipped hub config); its module and data module load a tiny 28-layer Qwen folder and train one step."""
+    from lightning_lvp import adapter, flops
+    from lightning_lvp.cli import parse_config
+    from lightning_lvp.io import instantiate
+    from lightning_lvp.training.module import LVPModule
+
+    cfg = parse_config(["-c", str(REPO / "experiments" / "qwen2_5_vl_rho05.yaml")])
+    margs, dargs = cfg.model.init_args, cfg.data.init_args
+    assert margs.model_path == "Qwen/Qwen2.5-VL-7B-Instruct" == dargs.processor_path
+    seven_b = flops.resolve_model_config(margs.model_path)  # lightning_lvp/configs/qwen2.5-vl-7b-instruct.json
+    assert adapter.family_for(seven_b).name == "qwen2_5_vl" and seven_b.text_config.num_hidden_layers == 28
+    described = flops.describe_input(seven_b)  # what `flops -c` on this config prints as its input
+    assert described.startswith("1 image of 1024 x 768 px (resized to 1036 x 756 px, 74 x 54 patches: 999 vision")
+    spec = {"class_path": margs.method.class_path, "init_args": margs.method.init_args.as_dict()}
+    method = instantiate(spec)
+    assert method.after_layers == [1, 8, 16] and method.train_ratios == [0.5, 0.3, 0.1] == method.keep_ratios
+    method.bind(adapter.text_dims(seven_b))  # the 7B's hidden size and depth
+    assert margs.optimizer.init_args.lr == 2e-6 and margs.optimizer.init_args.weight_decay == 0.0
+    assert margs.warmup_ratio == 0.03 and margs.lr_schedule == "cosine" and cfg.trainer.max_epochs == 1
+    assert cfg.trainer.gradient_clip_val == 1.0 and cfg.trainer.precision == "bf16-mixed"
+    micro = dargs.batch_size * cfg.trainer.accumulate_grad_batches * cfg.trainer.devices
+    assert micro == 64 and cfg.trainer.strategy.init_args.logging_batch_size_per_gpu == dargs.batch_size
+    assert (dargs.min_pixels, dargs.max_pixels) == (12544, 802816)  # >= 16 and <= 1,024 tokens per image
+    tiny_qwen_folder(tmp_path / "model", num_layers=28)
+    module = LVPModule(model_path=str(tmp_path / "model"), method=instantiate(spec), optimizer=torch.optim.AdamW)
+    module.configure_model()
+    assert module.model.family.name == "qwen2_5_vl" and module.model.dims.num_layers == 28
+    data = {k: v for k, v in dargs.as_dict().items() if k in ("dataset", "bad_samples", "max_length")}
+    dm = datamodule(folder, **data, processor_path=str(tmp_path / "model"), batch_size=2)
+    module.log = lambda *a, **k: None
+    loss = module.training_step(next(iter(dm.train_dataloader())), 0)
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in module.method.parameters() if p.requires_grad)
+
+
+@pytest.mark.slow
+def test_fit_with_the_shipped_qwen_config_end_to_end(folder, tmp_path):
+    """`python -m lightning_lvp fit -c experiments/qwen2_5_vl_rho05.yaml`, shrunk by flags, on a tiny 28-layer Qwen
+    folder: trains 2 steps on images of 4 sizes, runs the validation ratio sweep, writes a checkpoint."""
+    import os
+    import subprocess
+    import sys
+
+    tiny_qwen_folder(tmp_path / "model", num_layers=28)
+    flags = [
+        f"--model.init_args.model_path={tmp_path / 'model'}",
+        "--model.init_args.dtype=float32",
+        f"--data.init_args.train_json={folder / 'data.json'}",
+        f"--data.init_args.image_folder={folder / 'images'}",
+        "--data.init_args.val_fraction=0.5",
+        "--data.init_args.num_workers=0",
+        "--data.init_args.batch_size=2",
+        "--data.init_args.min_pixels=1024",  # the tiny model's 8 px merge unit: >= 16 tokens
+        "--data.init_args.max_pixels=4096",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=1",
+        "--trainer.strategy=auto",
+        "--trainer.precision=32",
+        "--trainer.max_steps=2",
+        "--trainer.accumulate_grad_batches=1",
+        "--trainer.val_check_interval=1",
+        "--trainer.limit_val_batches=1",
+        f"--trainer.default_root_dir={tmp_path / 'run'}",
+        f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+    ]
+    cmd = [sys.executable, "-m", "lightning_lvp", "fit", "-c", str(REPO / "experiments" / "qwen2_5_vl_rho05.yaml")]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd + flags, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Ratio sweep" in proc.stdout and "rho0.5" in proc.stdout
+    assert list((tmp_path / "run").rglob("*.ckpt")) or list((tmp_path / "runs").rglob("*.ckpt"))

@@ -295,6 +295,13 @@ class Qwen2_5_VLFamily(VLMFamily):
         """FLOPs input: one 1,024 x 768 px image (999 tokens) + ``text_tokens`` text tokens (:func:`dummy_batch`)."""
         return dummy_batch(config, text_tokens, batch_size)
 
+    def dummy_description(self, config, height: int = 768, width: int = 1024) -> str:
+        """The FLOPs input image in words (printed with the FLOPs convention)."""
+        t, h, w = image_grid(config, height, width)
+        p = config.vision_config.patch_size
+        n = tokens_per_image(config, torch.tensor([[t, h, w]]))[0]
+        return f"1 image of {width} x {height} px (resized to {w * p} x {h * p} px, {w} x {h} patches: {n} vision tokens)"
+
     def component_modules(self, model) -> dict[str, nn.Module]:
         """FLOPs parts: the vision tower (patch embedding + blocks; the merger inside it counts as the
         projector, ``flops._component_flops`` keeps nested parts apart), the 2x2 merger, the LLM, the LM head."""

@@ -14,7 +14,7 @@ from lightning_lvp.decision import ratio_loss
 from lightning_lvp.eval.teacher_forced import model_inputs, per_sample_exact_match, stage_name
 from lightning_lvp.io import method_spec
 from lightning_lvp.methods.base import PruningMethod
-from lightning_lvp.model import PrunedLlava
+from lightning_lvp.model import PrunedLlava, check_structure
 from lightning_lvp.teacher import answer_attention, distillation_loss
 from lightning_lvp.training.common import DTYPES, TrainingModule, rename_prefix, warmup_cosine  # noqa: F401
 
@@ -52,6 +52,10 @@ class LVPModule(TrainingModule):
         lr_schedule: "cosine" (paper) or "constant" after warm-up.
         gradient_checkpointing: recompute LLM layers in backward (activations still carry gradients to the modules).
         val_ratios: inference schedule of val/acc; None = the method's keep_ratios.
+        structure: policy for image-placeholder tokens that are not patches (LLaVA-NeXT's ``image_newline``
+            row ends; ``PrunedVLM(structure=...)``, docs/FAMILIES.md): "keep" = kept as structure (never pruned,
+            not counted in the vision tokens the ratios refer to), "prune" = vision tokens like the patches.
+            Families without such tokens (LLaVA-1.5, Qwen2.5-VL) accept only "keep".
     """
 
     def __init__(
@@ -74,12 +78,14 @@ class LVPModule(TrainingModule):
         lr_schedule: Literal["cosine", "constant"] = "cosine",
         gradient_checkpointing: bool = False,
         val_ratios: list[float] | None = None,
+        structure: Literal["keep", "prune"] = "keep",
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["method", "optimizer"])
         self._record_config(method=method_spec(method) if method is not None else None)
         self._validate(method)
         self.config = adapter.load_config(model_path)
+        check_structure(structure, adapter.family_for(self.config))
         method.bind(adapter.text_dims(self.config))
         # registered ONCE, as self.model.method, when configure_model builds the model; until then kept
         # here outside the module tree (the ``method`` property serves both)
@@ -131,7 +137,9 @@ class LVPModule(TrainingModule):
             return
         hp = self.hparams
         llava = adapter.load_llava(hp.model_path, dtype=DTYPES[hp.dtype])
-        self.model = PrunedLlava(llava, self.__dict__["_method"], hp.gradient_checkpointing)
+        self.model = PrunedLlava(
+            llava, self.__dict__["_method"], hp.gradient_checkpointing, structure=hp.structure
+        )
 
     @property
     def stage_names(self) -> list[str]:

@@ -19,7 +19,14 @@ projector); (6) peak memory of one attention call, eq. 9 masked vs plain SDPA, f
 (7) dispatched-op counts of forward_infer for 576 vs 144 vision tokens (no per-token loops);
 (0, first) transformers' own ``generate()`` on the unpruned LLaVA against ours (HF ``generate()``
 over the PrunedCache, lightning_lvp/generation.py) unpruned and at rho 0.5, batch 1 and 8, 32 new
-tokens (``--only-hf`` runs just this).
+tokens (``--only_hf`` runs just this).
+
+LLaVA-NeXT case (``--only_next`` runs just it; ``--next_repeats 0`` skips it): the same LLM and tower
+behind llava-v1.6's anyres input -- ONE 672 x 672 px image = base view + 2 x 2 crops of 336 px (the
+pinpoints of lightning_lvp/configs/llava-v1.6-vicuna-7b-hf.json) = 2,880 vision + 48 image_newline
+tokens (kept as structure), + 64 text tokens; prefill latency unpruned vs rho 0.5 ([0.5, 0.3, 0.1]
+after layers 1, L/4, L/2) interleaved in one process, against the project's FLOPs count of the same
+forward (one convention: lightning_lvp/flops.py, attention counted over the full T_q x T_k).
 """
 
 from __future__ import annotations
@@ -46,7 +53,10 @@ from lightning_lvp.methods import LVPruning
 from lightning_lvp.model import PrunedLlava
 from lightning_lvp.schedules import PAPER_RHOS, paper_schedule
 from lightning_lvp.state import causal_mask
-from lightning_lvp.tiny import TinyLlavaSpec, tiny_llava_config
+from lightning_lvp.tiny import TinyLlavaSpec, tiny_llava_config, tiny_llava_next_config
+
+NEXT_CONFIG = os.path.join(os.path.dirname(F.__file__), "configs", "llava-v1.6-vicuna-7b-hf.json")
+NEXT_SIDE = 672  # px: the FLOPs image of docs/FAMILIES.md (5 views, 2,880 vision tokens)
 
 
 def schedule_of(rho: float, stages: int = 3) -> list[float]:
@@ -93,6 +103,180 @@ def bench_batch(config, text_tokens: int = 30, answer_tokens: int = 0, batch_siz
     return batch
 
 
+def next_bench_config(layers: int, hidden: int):
+    """LLaVA-NeXT-7B proportions at CPU size: :func:`bench_spec`'s LLM and tower (one view = 336 px / 14)
+    with llava-v1.6-vicuna-7b's anyres ``image_grid_pinpoints`` (read from the shipped config)."""
+    with open(NEXT_CONFIG) as f:
+        pinpoints = json.load(f)["image_grid_pinpoints"]
+    return tiny_llava_next_config(bench_spec(layers, hidden), grid_pinpoints=pinpoints)
+
+
+def next_vision_tokens(config) -> int:
+    """Prunable vision tokens of the NeXT image (newline tokens are structure under the default policy)."""
+    from lightning_lvp.families.llava_next import NEWLINE, LlavaNextFamily
+
+    layout = LlavaNextFamily().layouts(config, [(NEXT_SIDE, NEXT_SIDE)])[0]
+    return int((layout[:, 0] != NEWLINE).sum())
+
+
+def next_bench_batch(config, text_tokens: int = 64, seed: int = 0) -> dict:
+    """One 672 x 672 px image (5 views: 2,880 vision + 48 newline tokens) + ``text_tokens`` random text ids."""
+    from lightning_lvp.families import family_for
+
+    batch = family_for(config).dummy_batch(config, text_tokens, 1, side=NEXT_SIDE)
+    g = torch.Generator().manual_seed(seed)
+    ids = batch["input_ids"]
+    text = ids != config.image_token_id
+    high = min(config.text_config.vocab_size, config.image_token_id)
+    ids[text] = torch.randint(3, high, (int(text.sum()),), generator=g)
+    batch["pixel_values"] = torch.randn(batch["pixel_values"].shape, generator=g)
+    return batch
+
+
+def next_case(layers: int, hidden: int, text_tokens: int, rho: float = 0.5, num_heads: int = 8):
+    """The NeXT model, its pruned / unpruned wrappers, the batch, the schedules and their FLOPs rows.
+
+    Returns:
+        dict with ``config``, ``models`` ({"base", f"rho{rho}"} -> PrunedVLM), ``schedules`` (None for
+        base), ``batch`` and ``flops`` (:func:`lightning_lvp.flops.count_schedules` rows, shape-only).
+    """
+    config = next_bench_config(layers, hidden)
+    after = [1, layers // 4, layers // 2]
+    ratios = schedule_of(rho)
+    method = LVPruning(after_layers=after, keep_ratios=ratios, train_ratios=ratios, num_heads=num_heads)
+    llava = adapter.build_from_config(config)
+    pruned, base = PrunedLlava(llava, method).eval(), PrunedLlava(llava, None).eval()
+    batch = next_bench_batch(config, text_tokens)
+    flops_rows = F.count_schedules(pruned, batch, [ratios], shape_only=True)
+    name = f"rho{rho:g}"
+    return {
+        "config": config,
+        "after_layers": after,
+        "models": {"base": base, name: pruned},
+        "schedules": {"base": None, name: ratios},
+        "batch": batch,
+        "flops": dict(zip(["base", name], flops_rows)),
+    }
+
+
+PARTS = ("merge", "layers", "pruners")  # timed parts of a prefill (ComponentTimer), the rest is "other"
+FLOPS_PARTS = {"merge": ("vision_tower", "projector"), "layers": ("llm",), "pruners": ("pruners",)}
+
+
+class ComponentTimer:
+    """Wall time a prefill spends in the family's ``merge`` (vision tower on every view, projector, embedding,
+    layout), its decoder layers (``run_layer``) and the method's pruning steps (``apply``: scoring + gathers).
+
+    Wraps those three callables on the given objects (instance attributes, removed on exit); ``record(fn)``
+    returns ``fn`` timed part by part, each call appending ``{part: s, "total": s}`` to ``self.runs[key]``.
+    """
+
+    def __init__(self, family, methods):
+        self.family, self.methods = family, [m for m in methods if m is not None]
+        self.current: dict[str, float] = {}
+        self.runs: dict[str, list[dict[str, float]]] = {}
+
+    def _wrap(self, fn, part: str):
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.current[part] = self.current.get(part, 0.0) + time.perf_counter() - t0
+
+        return timed
+
+    def __enter__(self):
+        self.family.merge = self._wrap(self.family.merge, "merge")
+        self.family.run_layer = self._wrap(self.family.run_layer, "layers")
+        for m in self.methods:
+            m.apply = self._wrap(m.apply, "pruners")
+        return self
+
+    def __exit__(self, *exc):
+        del self.family.merge, self.family.run_layer
+        for m in self.methods:
+            del m.apply
+
+    def record(self, key: str, fn: Callable[[], object]) -> Callable[[], object]:
+        def run():
+            self.current = {}
+            t0 = time.perf_counter()
+            out = fn()
+            total = time.perf_counter() - t0
+            self.runs.setdefault(key, []).append({**{p: self.current.get(p, 0.0) for p in PARTS}, "total": total})
+            return out
+
+        return run
+
+
+def breakdown(runs: list[dict[str, float]], warmup: int = 1) -> dict[str, float]:
+    """Median seconds per part (and "other" = total - parts) over the timed runs (after ``warmup``)."""
+    timed = runs[warmup:]
+    out = {p: med([r[p] for r in timed]) for p in (*PARTS, "total")}
+    out["other"] = med([r["total"] - sum(r[p] for p in PARTS) for r in timed])
+    return out
+
+
+def next_benchmark(args) -> dict:
+    """Prefill latency of the NeXT case, unpruned vs rho 0.5, interleaved, against the FLOPs ratio."""
+    case = next_case(args.layers, args.hidden, args.next_text_tokens)
+    batch, models, schedules = case["batch"], case["models"], case["schedules"]
+    n_img = int((batch["input_ids"] == case["config"].image_token_id).sum())
+    family = models["base"].family
+    with ComponentTimer(family, [m.method for m in models.values()]) as timer:
+        fns = {k: timer.record(k, prefill_fn(models[k], batch, s)) for k, s in schedules.items()}
+        times = interleaved_times(fns, args.next_repeats)
+    base_flops = case["flops"]["base"]["tflops"]
+    base_parts = breakdown(timer.runs["base"])
+    rows = []
+    for name in schedules:
+        f = case["flops"][name]
+        parts = breakdown(timer.runs[name])
+        part_flops = {p: sum(f["by_component"][c] for c in cs) for p, cs in FLOPS_PARTS.items()}
+        base_part_flops = {
+            p: sum(case["flops"]["base"]["by_component"][c] for c in cs) for p, cs in FLOPS_PARTS.items()
+        }
+        row = {
+            "parts_s": parts,
+            "parts_gflops": {p: v * 1e3 for p, v in part_flops.items()},
+            "layers_time_ratio": parts["layers"] / base_parts["layers"],
+            "layers_flops_ratio": part_flops["layers"] / base_part_flops["layers"],
+            "schedule": name,
+            "gflops": f["tflops"] * 1e3,
+            "flops_ratio": f["tflops"] / base_flops,
+            "kept_vision": f["kept_vision"],
+            "layer_tokens": f["layer_tokens"],
+            "prefill_s": med(times[name]),
+            "prefill_runs_s": times[name],
+        }
+        row["prefill_ratio"] = row["prefill_s"] / med(times["base"])
+        row["paired_prefill_ratio"] = med([t / b for t, b in zip(times[name], times["base"])])
+        row["percent_of_flops_speedup"] = 100 * row["flops_ratio"] / row["prefill_ratio"]
+        # other jobs only ever ADD time: the fastest run of each is the least disturbed estimate
+        row["min_prefill_ratio"] = min(times[name]) / min(times["base"])
+        row["percent_of_flops_speedup_min"] = 100 * row["flops_ratio"] / row["min_prefill_ratio"]
+        rows.append(row)
+        print(
+            f"[next prefill] {name}: {row['prefill_s']:.3f} s, FLOPs ratio {row['flops_ratio']:.3f}, "
+            f"parts {json.dumps({k: round(v, 3) for k, v in parts.items()})} s",
+            flush=True,
+        )
+    return {
+        "model": {
+            "llm_layers": args.layers,
+            "hidden": args.hidden,
+            "after_layers": case["after_layers"],
+            "image": f"{NEXT_SIDE} x {NEXT_SIDE} px",
+            "image_tokens": n_img,
+            "vision_tokens": next_vision_tokens(case["config"]),
+            "text_tokens": args.next_text_tokens,
+            "sequence": int(batch["input_ids"].shape[1]),
+        },
+        "rows": rows,
+    }
+
+
 # ---------------------------------------------------------------------------------------- timing
 def interleaved_times(
     fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1, sync: Callable[[], None] = lambda: None
@@ -114,13 +298,25 @@ def med(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
+def image_inputs(model: PrunedLlava, batch) -> dict:
+    """The family's extra image inputs of ``batch`` (LLaVA-NeXT: ``image_sizes``)."""
+    return {k: batch[k] for k in model.family.image_input_names if k in batch}
+
+
 def prefill_fn(model: PrunedLlava, batch, ratios):
     """Prefill as generate() does it: token-removing forward building the KV cache + first-token logits."""
+    images = image_inputs(model, batch)
 
     def run():
         with torch.no_grad():
             out = model.forward_infer(
-                batch["input_ids"], batch["pixel_values"], batch["attention_mask"], None, ratios, use_cache=True
+                batch["input_ids"],
+                batch["pixel_values"],
+                batch["attention_mask"],
+                None,
+                ratios,
+                use_cache=True,
+                **images,
             )
             return model.logits(out.hidden[:, -1:])
 
@@ -352,6 +548,12 @@ def run(args) -> dict:
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.only_next:
+        report = {"machine": machine(), "model": {"llm_layers": args.layers, "hidden": args.hidden}}
+        report["machine"]["load_avg_start"] = report["machine"].pop("load_avg_1_5_15")
+        report["next"] = next_benchmark(args)
+        report["machine"]["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
+        return report
     spec = bench_spec(args.layers, args.hidden)
     config = tiny_llava_config(spec)
     after = [1, args.layers // 4, args.layers // 2]
@@ -408,6 +610,8 @@ def run(args) -> dict:
 
     attn = attention_memory(1, args.hidden // 64, 606, 64, 576)
     ops = op_counts(args.layers, args.hidden, method_args, schedule_of(0.5))
+    if args.next_repeats:
+        report["next"] = next_benchmark(args)
     report["machine"]["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
     report["rows"] = [
         {
@@ -445,6 +649,39 @@ def print_hf(rows: list[dict]) -> None:
         )
 
 
+def print_next(n: dict) -> None:
+    m = n["model"]
+    print(
+        f"\nLLaVA-NeXT case: {m['image']}, {m['image_tokens']} image tokens ({m['vision_tokens']} vision + "
+        f"{m['image_tokens'] - m['vision_tokens']} newline), {m['text_tokens']} text tokens, LLM {m['llm_layers']} x "
+        f"{m['hidden']}, pruning after {m['after_layers']}"
+    )
+    print(
+        "\n| schedule | GFLOPs | FLOPs ratio | prefill s (median) | prefill ratio (median of paired) | % of FLOPs "
+        "speed-up | fastest-run ratio | % (fastest runs) |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for x in n["rows"]:
+        print(
+            f"| {x['schedule']} | {x['gflops']:.1f} | {x['flops_ratio']:.3f} | {x['prefill_s']:.3f} | "
+            f"{x['prefill_ratio']:.3f} ({x['paired_prefill_ratio']:.3f}) | {x['percent_of_flops_speedup']:.0f} % | "
+            f"{x['min_prefill_ratio']:.3f} | {x['percent_of_flops_speedup_min']:.0f} % |"
+        )
+    print("\n| schedule | part | GFLOPs | seconds (median) | GFLOP/s |")
+    print("|---|---|---|---|---|")
+    for x in n["rows"]:
+        for p in (*PARTS, "other"):
+            g = x["parts_gflops"].get(p)
+            sec = x["parts_s"][p]
+            rate = f"{g / sec:.0f}" if g and sec else ""
+            print(f"| {x['schedule']} | {p} | {'' if g is None else f'{g:.1f}'} | {sec:.3f} | {rate} |")
+    for x in n["rows"][1:]:
+        print(
+            f"{x['schedule']}: decoder layers alone: time ratio {x['layers_time_ratio']:.3f} vs FLOPs ratio "
+            f"{x['layers_flops_ratio']:.3f} ({100 * x['layers_flops_ratio'] / x['layers_time_ratio']:.0f} %)"
+        )
+
+
 def print_report(r: dict) -> None:
     m = r["machine"]
     print(
@@ -454,6 +691,8 @@ def print_report(r: dict) -> None:
     print(f"model: {r['model']}")
     if "hf_generate" in r:
         print_hf(r["hf_generate"])
+    if "next" in r:
+        print_next(r["next"])
     if "rows" not in r:
         return
     print(
@@ -511,11 +750,17 @@ def main(argv: list[str] | None = None) -> int:
         help="timed runs per variant in the HF generate() comparison",
     )
     p.add_argument("--only_hf", "--only-hf", action="store_true", help="run only the HF generate() comparison")
+    p.add_argument(
+        "--next_repeats", type=int, default=5, help="timed prefill runs per schedule of the NeXT case (0 = skip it)"
+    )
+    p.add_argument("--next_text_tokens", type=int, default=64, help="text tokens of the NeXT case's prompt")
+    p.add_argument("--only_next", action="store_true", help="run only the LLaVA-NeXT case")
     p.add_argument("--quick", action="store_true", help="2 repeats everywhere (smoke run)")
     p.add_argument("--json", help="also write the report as JSON here")
     args = p.parse_args(argv)
     if args.quick:
         args.repeats = args.decode_repeats = args.train_repeats = args.hf_repeats = 2
+        args.next_repeats = min(args.next_repeats, 2)
     t0 = time.time()
     report = run(args)
     report["wall_s"] = time.time() - t0

@@ -147,17 +147,28 @@ def build_entries(
     return entries
 
 
-def single_samples(loader: Iterable[dict[str, Any]], count: int) -> list[dict[str, torch.Tensor]]:
-    """The first ``count`` samples of ``loader`` as unpadded batches of one."""
+def single_samples(loader: Iterable[dict[str, Any]], count: int, llava=None) -> list[dict[str, torch.Tensor]]:
+    """The first ``count`` samples of ``loader`` as unpadded batches of one.
+
+    Args:
+        llava: the base model; its family picks each sample's own image inputs
+            (``VLMFamily.sample_image_inputs``: Qwen2.5-VL's flat patches); None = LLaVA-1.5's batch-first ones.
+    """
+    family = adapter.family_for(llava) if llava is not None else None
     out: list[dict[str, torch.Tensor]] = []
     for batch in loader:
         inputs = model_inputs(batch)
         mask = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"])).bool()
+        text_keys = ("input_ids", "attention_mask", "prompt_mask")
+        images = {k: v for k, v in inputs.items() if k not in text_keys}
         for i in range(mask.shape[0]):
             if len(out) == count:
                 return out
-            one = {k: v[i : i + 1, mask[i]] for k, v in inputs.items() if k != "pixel_values"}
-            one["pixel_values"] = inputs["pixel_values"][i : i + 1]
+            one = {k: v[i : i + 1, mask[i]] for k, v in inputs.items() if k in text_keys}
+            if family is None:
+                one.update({k: v[i : i + 1] for k, v in images.items()})
+            else:
+                one.update(family.sample_image_inputs(llava, inputs["input_ids"], images, i))
             out.append(one)
         if len(out) == count:
             break
@@ -173,9 +184,23 @@ def mean_tflops(model: PrunedLlava, samples: Sequence[dict[str, torch.Tensor]], 
     return sum(totals) / len(totals) / 1e12
 
 
-def evaluate_entry(llava, entry: Entry, loader, samples, num_layers: int, max_batches: int | None) -> dict[str, Any]:
+def vision_tokens(llava, samples: Sequence[dict[str, torch.Tensor]], structure: str = "keep") -> int:
+    """The fewest vision tokens of one sample among ``samples`` (the ratios' reference count: LLaVA-1.5's 576
+    per image; LLaVA-NeXT's and Qwen2.5-VL's depend on each image's size)."""
+    model = PrunedLlava(llava, None, structure=structure)
+    device = next(llava.parameters()).device
+    with torch.no_grad():
+        counts = [
+            int(model.initial_state(**{k: v.to(device) for k, v in s.items()})[0].n_vision.min()) for s in samples
+        ]
+    return min(counts)
+
+
+def evaluate_entry(
+    llava, entry: Entry, loader, samples, num_layers: int, max_batches: int | None, structure: str = "keep"
+) -> dict[str, Any]:
     """One comparison row: accuracy and kept tokens over ``loader``, TFLOPs on ``samples``."""
-    model = PrunedLlava(llava, entry.method).eval()
+    model = PrunedLlava(llava, entry.method, structure=structure).eval()
     res = evaluate_schedule(model, loader, entry.ratios, max_batches=max_batches)
     n_vision = res["n_vision"]
     kept = [k / n_vision for k in res["kept_tokens"]] if n_vision else []
@@ -216,8 +241,14 @@ def run_comparison(
     done: Sequence[dict[str, Any]] = (),
     on_row: Callable[[list[dict[str, Any]]], None] | None = None,
     schedules: Sequence[Sequence[float | None]] | None = None,
+    structure: str = "keep",
+    skipped: list[dict[str, str]] | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluates every entry of :func:`build_entries`; returns one dict per row (see :data:`COLUMNS`).
+
+    A method the model's family cannot run (:class:`~lightning_lvp.families.base.UnsupportedMethodError`:
+    CLS-knee and VisionZip need a CLS token Qwen2.5-VL has not; VisionZip on LLaVA-NeXT) is skipped with a
+    warning naming the reason, and listed in ``skipped`` (``{"name", "reason"}``) when a list is given.
 
     Args:
         llava: the base LlavaForConditionalGeneration (frozen; shared by all rows).
@@ -228,11 +259,14 @@ def run_comparison(
         on_row: called with the rows so far after every row (compare writes its files there, so a kill
             keeps every finished row).
         schedules: LVPruning's inference schedules (instead of the paper's schedule of each of ``rhos``).
+        structure: the LLaVA-NeXT newline policy of every row (``PrunedVLM(structure=...)``).
     """
-    samples = single_samples(loader, max(flops_samples, 1))
+    from lightning_lvp.families.base import UnsupportedMethodError
+
+    samples = single_samples(loader, max(flops_samples, 1), llava)
     if not samples:
         raise ValueError("the validation loader yielded no samples")
-    n_vision = adapter.vision_dims(llava.config).tokens_per_image
+    n_vision = vision_tokens(llava, samples, structure)
     samples = samples[:flops_samples]
     num_layers = adapter.text_dims(llava.config).num_layers
     entries = build_entries(
@@ -246,7 +280,13 @@ def run_comparison(
             rows.append(finished[entry.name])
         else:
             log.info("compare: evaluating %s (%s)", entry.name, entry.ratios)
-            rows.append(evaluate_entry(llava, entry, loader, samples, num_layers, max_batches))
+            try:
+                rows.append(evaluate_entry(llava, entry, loader, samples, num_layers, max_batches, structure))
+            except UnsupportedMethodError as err:
+                log.warning("compare: row %s skipped: %s", entry.name, err)
+                if skipped is not None:
+                    skipped.append({"name": entry.name, "reason": str(err)})
+                continue
         if rows[-1]["n"] != rows[0]["n"]:
             raise ValueError(f"compare: {entry.name} was measured on {rows[-1]['n']} samples, base on {rows[0]['n']}")
         base = rows[0]["tflops"]

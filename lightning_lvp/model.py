@@ -73,6 +73,20 @@ class InferOutput:
     layer_stage: list[int] = field(default_factory=list)
 
 
+def check_structure(structure: str, family) -> str:
+    """``structure`` if ``family`` (a :class:`~lightning_lvp.families.base.VLMFamily`) allows it.
+
+    Raises:
+        ValueError: naming the family's allowed policies.
+    """
+    if structure not in family.structure_policies:
+        raise ValueError(
+            f"structure must be one of {list(family.structure_policies)} for a {family.name} model "
+            f"(the policy for image tokens that are not patches), got {structure!r}"
+        )
+    return structure
+
+
 class PrunedVLM(nn.Module):
     """A frozen HF vision-language model of any supported family with a :class:`PruningMethod`.
 
@@ -96,12 +110,7 @@ class PrunedVLM(nn.Module):
     ):
         super().__init__()
         self.family = family_for(llava)
-        if structure not in self.family.structure_policies:
-            raise ValueError(
-                f"structure must be one of {list(self.family.structure_policies)} for a {self.family.name} model "
-                f"(the policy for image tokens that are not patches), got {structure!r}"
-            )
-        self.structure = structure
+        self.structure = check_structure(structure, self.family)
         self.llava = self.family.prepare_frozen(llava)
         self.dims = self.family.text_dims(llava.config)
         self.method = method
@@ -342,9 +351,16 @@ class PrunedVLM(nn.Module):
         n_patches = int(state.n_vision.max())
 
         def layout(st: SeqState):
-            """Mask, rotary embeddings, and whether every slot is real (then the layers need no mask)."""
-            mask = causal_mask(st.valid, st.valid.shape[1])
-            return mask, family.rotary(llava, st.hidden, st.position_ids), bool(st.valid.all())
+            """Mask (a function: the (B, 1, L, L) mask is built on first use only; a dense layout's layers
+            never need it), rotary embeddings, and whether every slot is real (then the layers pass no mask)."""
+            valid, built = st.valid, []
+
+            def mask() -> torch.Tensor:
+                if not built:
+                    built.append(causal_mask(valid, valid.shape[1]))
+                return built[0]
+
+            return mask, family.rotary(llava, st.hidden, st.position_ids), bool(valid.all())
 
         mask, pos_emb, dense = layout(state)
 
@@ -355,10 +371,12 @@ class PrunedVLM(nn.Module):
             ctx.cls_similarity = lambda: family.patch_cls_similarity(feats)
             ctx.project = lambda v: family.project_vision(llava, v)
             if i is not None:
-                ctx.attention_row = lambda q: family.attention_probs(llava, i, layer_input, pos_emb, q, mask)
+                ctx.attention_row = lambda q: family.attention_probs(llava, i, layer_input, pos_emb, q, mask())
                 ctx.layer_keys = lambda: family.layer_keys(llava, i, layer_input, pos_emb)
                 if i + 1 < self.dims.num_layers:
-                    ctx.next_attention_row = lambda q: family.attention_probs(llava, i + 1, st.hidden, pos_emb, q, mask)
+                    ctx.next_attention_row = lambda q: family.attention_probs(
+                        llava, i + 1, st.hidden, pos_emb, q, mask()
+                    )
             return ctx
 
         def prune(st: SeqState, s: int, i: int | None, layer_input, mask, pos_emb) -> SeqState:
@@ -381,7 +399,7 @@ class PrunedVLM(nn.Module):
             layer_stage.append(len(stage_valid) - 1)
             layer_input = state.hidden
             # No padding / filler slot: SDPA's own causal path (no materialised mask), as HF's prefill does.
-            layer_mask = None if dense else mask
+            layer_mask = None if dense else mask()
             state.hidden = self._layer(i, layer_input, layer_mask, state.position_ids, pos_emb, cache)
             s = self.points.get(i + 1)
             if s is not None:

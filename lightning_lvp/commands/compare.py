@@ -7,7 +7,7 @@ import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from lightning_lvp.commands.experiment import Experiment, run
 
@@ -61,6 +61,7 @@ def compare(
     peers: str = PEERS,
     peer_tokens: str = "64,128,192",
     device: str = "cpu",
+    structure: Literal["keep", "prune"] | None = None,
     experiment: Experiment | None = None,
 ) -> int:
     """LVPruning vs the unpruned model, CLS-knee, FastV, random, uniform and the peer methods on one data set.
@@ -92,6 +93,9 @@ def compare(
         peers: peer methods, a comma list ('' = none) of visionzip, divprune, dart, pdrop.
         peer_tokens: peer budgets as kept tokens of LLaVA-1.5's 576 (same share here), a comma list.
         device: torch device.
+        structure: policy for image tokens that are not patches (LLaVA-NeXT's image_newline tokens, docs/FAMILIES.md):
+            keep (structure, never pruned) or prune (like patches); default: the config's model.init_args.structure,
+            else keep.
     """
     from lightning_lvp.compare import compare_settings, markdown_table, previous_rows, run_comparison, write_results
     from lightning_lvp.model import PrunedLlava
@@ -100,15 +104,18 @@ def compare(
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO)
     path = experiment.model_path(model_path, "compare")
+    structure = experiment.structure(structure)
     options = {k: v for k, v in locals().items() if k in OPTIONS}
     settings = compare_settings(path, pruners, experiment.config_path(), options)
+    if structure != "keep":  # (absent for the default: interrupted runs of before stay resumable)
+        settings["structure"] = structure
     if experiment.overrides():
         settings["overrides"] = experiment.overrides()
     done, refusal = previous_rows(Path(out), settings, overwrite)
     if refusal:
         print(f"compare: {refusal}", file=sys.stderr)
         return 2
-    pruned = PrunedLlava.from_pretrained(path, pruners, device=device)
+    pruned = PrunedLlava.from_pretrained(path, pruners, device=device, structure=structure)
     lvp = pruned.method
     loader = validation_loader(experiment, path, cache_dir, batch_size, num_workers)
     knee = dict(llm_layer=knee_layer or None, keep_ratio=knee_keep_ratio, min_keep=knee_min_keep,
@@ -120,6 +127,7 @@ def compare(
         "settings": settings,
         "notes": NOTES.format(rho=match_rho),
     }
+    skipped: list[dict[str, str]] = []  # rows the model's family cannot run (e.g. VisionZip without a CLS token)
     rows = run_comparison(
         pruned.llava,
         lvp,
@@ -135,7 +143,11 @@ def compare(
         done=done,
         on_row=lambda rows: write_results(rows, out, {**meta, "complete": False}, overwrite=True),
         schedules=experiment.schedules(schedules, lvp.num_stages, DEFAULT_SCHEDULES),
+        structure=structure,
+        skipped=skipped,
     )
+    if skipped:
+        meta["skipped"] = skipped
     paths = write_results(rows, out, {**meta, "complete": True}, overwrite=True)
     print(markdown_table(rows))
     print("\n".join(f"wrote {p}" for p in paths))

@@ -26,6 +26,7 @@ def evaluate(
     max_new_tokens: int = 16,
     overwrite: bool = False,
     prompt_suffix: bool = True,
+    structure: Literal["keep", "prune"] | None = None,
     experiment: Experiment | None = None,
 ) -> int:
     """Answers a benchmark in LLaVA's formats with the pruned model and scores it (docs/EVAL.md).
@@ -48,6 +49,9 @@ def evaluate(
         overwrite: replace an existing answers file.
         prompt_suffix: append the benchmark's answer-format line to the question (false for models trained
             without it, e.g. the digits demo).
+        structure: policy for image tokens that are not patches (LLaVA-NeXT's image_newline tokens, docs/FAMILIES.md):
+            keep (structure, never pruned) or prune (like patches); default: the config's model.init_args.structure,
+            else keep.
     """
     from transformers import AutoProcessor
 
@@ -59,7 +63,7 @@ def evaluate(
 
     experiment = experiment or Experiment()
     path = experiment.model_path(model_path, "evaluate")
-    model = PrunedLlava.from_pretrained(path, pruners)
+    model = PrunedLlava.from_pretrained(path, pruners, structure=experiment.structure(structure))
     processor = AutoProcessor.from_pretrained(path)
     stages = model.method.num_stages if model.method is not None else None
     try:

@@ -88,6 +88,11 @@ class Experiment:
             raise ValueError(f"{command} needs --model_path or -c CONFIG with model.init_args.model_path")
         return str(path)
 
+    def structure(self, override: str | None = None) -> str:
+        """The newline policy (``PrunedVLM(structure=...)``, docs/FAMILIES.md): ``override`` (a
+        ``--structure`` flag), else ``model.init_args.structure``, else "keep"."""
+        return str(override or self.model_args().get("structure") or "keep")
+
     def method_spec(self) -> dict[str, Any] | None:
         """``model.init_args.method`` as ``{"class_path", "init_args"}`` (None without one)."""
         method = self.model_args().get("method")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 from lightning_lvp.commands.experiment import Experiment, run
 
@@ -22,6 +23,7 @@ def sweep(
     num_workers: int = 0,
     out: str = "runs/sweep",
     overwrite: bool = False,
+    structure: Literal["keep", "prune"] | None = None,
     experiment: Experiment | None = None,
 ) -> int:
     """Evaluates a list or range of inference schedules on the config's validation data ("how far can I prune?").
@@ -45,6 +47,9 @@ def sweep(
         num_workers: data loader workers (overrides data.init_args.num_workers).
         out: output folder (resumed if it holds results of the same settings).
         overwrite: discard results of other settings in out.
+        structure: policy for image tokens that are not patches (LLaVA-NeXT's image_newline tokens, docs/FAMILIES.md):
+            keep (structure, never pruned) or prune (like patches); default: the config's model.init_args.structure,
+            else keep.
     """
     import torch
 
@@ -54,12 +59,15 @@ def sweep(
     experiment = experiment or Experiment()
     torch.set_grad_enabled(False)
     path = experiment.model_path(model_path, "sweep")
-    model = PrunedLlava.from_pretrained(path, pruners)
+    structure = experiment.structure(structure)
+    model = PrunedLlava.from_pretrained(path, pruners, structure=structure)
     loader = experiment.datamodule(path, val_batch_size=batch_size, num_workers=num_workers).val_dataloader()
     scheds = experiment.schedules(schedules, model.method.num_stages, DEFAULT_SCHEDULES, step, min_ratio)
     settings = measurement_settings(
         experiment.config_path(), pruners, path, batch_size=batch_size, max_batches=max_batches
     )
+    if structure != "keep":  # (absent for the default: results of earlier runs stay reusable)
+        settings["structure"] = structure
     if experiment.overrides():  # --model.* / --data.* on the command line change what is measured
         settings["overrides"] = experiment.overrides()
     rows = run_sweep(model, loader, scheds, settings, out, include_base, max_batches, overwrite)

@@ -43,7 +43,9 @@ except ImportError:  # documented interface stand-in
 from lightning_lvp.data.collate import LlavaCollator
 from lightning_lvp.data.conversation import VICUNA_V1, RenderedConversation, render_conversation, tokenize_conversation
 from lightning_lvp.data.llava_dataset import (
+    anyres_image_tokens,
     expand_to_square,
+    is_anyres,
     num_image_tokens,
     processor_input_side,
     resize_then_pad,
@@ -81,11 +83,24 @@ def _pixels(processor, image) -> torch.Tensor:
     return ip(image, return_tensors="pt")["pixel_values"][0]
 
 
+def _image_inputs(processor, image) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """(pixel_values, image_size or None, image tokens) of one image, as the training data prepares it
+    (:class:`~lightning_lvp.data.llava_dataset.LlavaDataset`): LLaVA-1.5 pads to square (:func:`_pixels`);
+    LLaVA-NeXT's processor makes the base view + crops ((V, 3, H, W), original (height, width)) and the
+    ``<image>`` count depends on the image's size."""
+    if is_anyres(processor):
+        out = processor.image_processor(image.convert("RGB"), return_tensors="pt")
+        size = torch.as_tensor(out["image_sizes"][0]).long()
+        return out["pixel_values"][0], size, anyres_image_tokens(processor, tuple(size.tolist()))
+    return _pixels(processor, image), None, num_image_tokens(processor)
+
+
 def encode_sample(processor, prompt: str, image, continuation: str | None = None) -> dict[str, Any]:
     """One sample (vicuna_v1 template, LLaVA image preprocessing) for :class:`LlavaCollator`.
 
     Args:
-        processor: the model's ``LlavaProcessor``.
+        processor: the model's ``LlavaProcessor`` (or ``LlavaNextProcessor``: anyres views, see
+            :func:`_image_inputs`).
         prompt: the user text (without ``<image>``).
         image: a PIL image.
         continuation: None for a prompt-only sample (generation); else the assistant reply whose
@@ -98,16 +113,19 @@ def encode_sample(processor, prompt: str, image, continuation: str | None = None
         (start, end), sep2 = rendered.target_spans[-1], len(VICUNA_V1.sep2)
         rendered = RenderedConversation(rendered.text, [(start, end - sep2)], rendered.answer)
     image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
-    ids, labels, vision = tokenize_conversation(rendered, tok, num_image_tokens(processor), image_id)
+    pixel_values, image_size, count = _image_inputs(processor, image)
+    ids, labels, vision = tokenize_conversation(rendered, tok, count, image_id)
     sample = {
         "input_ids": ids,
         "vision_mask": vision,
         "prompt_mask": ~vision,
-        "pixel_values": _pixels(processor, image),
+        "pixel_values": pixel_values,
         "id": "",
         "answer": "",
         "question_type": "",
     }
+    if image_size is not None:
+        sample["image_size"] = image_size
     if continuation is not None:
         sample["labels"] = labels
         sample["prompt_mask"] = ~vision & (labels == -100)  # the pruner's keys: the context only
@@ -225,7 +243,9 @@ class LVPLmms(_LmmsBase):
     Args (``--model_args``): ``pretrained`` (llava-hf folder or hub id), ``pruners`` (pruner folder or
     checkpoint; omit for the unpruned model), ``rho`` (schedule [rho, rho-0.2, rho-0.4]) or
     ``ratios`` ("a;b;c"), ``batch_size`` (N or auto), ``max_new_tokens`` (default budget when the task
-    sets none), ``device`` (or lmms-eval's ``--device``), ``dtype``.
+    sets none), ``device`` (or lmms-eval's ``--device``), ``dtype``, ``structure`` (LLaVA-NeXT's newline
+    policy, ``keep`` or ``prune``: docs/FAMILIES.md). The model family comes from the model's config
+    (LLaVA-1.5 and LLaVA-NeXT prompts and images are prepared as in training).
     """
 
     def __init__(
@@ -239,6 +259,7 @@ class LVPLmms(_LmmsBase):
         max_new_tokens: int = 32,
         device: str | None = None,
         dtype: str = "float32",
+        structure: str = "keep",
         model=None,
         processor=None,
         **unknown,
@@ -247,7 +268,7 @@ class LVPLmms(_LmmsBase):
         if unknown:
             raise ValueError(
                 f"unknown --model_args for lightning_lvp: {sorted(unknown)}; accepted: pretrained, pruners, rho, "
-                "ratios, batch_size, max_new_tokens, device, dtype"
+                "ratios, batch_size, max_new_tokens, device, dtype, structure"
             )
         from transformers import AutoProcessor
 
@@ -256,7 +277,9 @@ class LVPLmms(_LmmsBase):
         self._rank, self._world_size, local_rank = process_rank()
         self._device = torch.device(resolve_device(device, local_rank, self._world_size))
         if model is None:
-            model = PrunedLlava.from_pretrained(pretrained, pruners, dtype=dtype, device=self._device)
+            model = PrunedLlava.from_pretrained(
+                pretrained, pruners, dtype=dtype, device=self._device, structure=structure
+            )
         self.model = model
         self.processor = processor or AutoProcessor.from_pretrained(pretrained)
         stages = model.method.num_stages if model.method is not None else 0

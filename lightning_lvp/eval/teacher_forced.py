@@ -29,7 +29,8 @@ import torch
 
 from lightning_lvp.model import PrunedLlava
 
-BATCH_KEYS = ("input_ids", "pixel_values", "attention_mask", "prompt_mask", "image_sizes")  # image_sizes: LLaVA-NeXT
+# the families' extra image inputs: image_sizes (LLaVA-NeXT), image_grid_thw (Qwen2.5-VL)
+BATCH_KEYS = ("input_ids", "pixel_values", "attention_mask", "prompt_mask", "image_sizes", "image_grid_thw")
 
 
 def per_sample_exact_match(
@@ -244,7 +245,11 @@ def count_schedule_flops(model, batch: dict[str, Any], ratios: list[float] | Non
     """
     from lightning_lvp.flops import count_forward
 
-    one = {k: v[:1] for k, v in model_inputs(batch, next(model.parameters()).device).items()}
+    inputs = model_inputs(batch, next(model.parameters()).device)
+    text = ("input_ids", "attention_mask", "prompt_mask")
+    one = {k: v[:1] for k, v in inputs.items() if k in text}
+    images = {k: v for k, v in inputs.items() if k not in text}  # the first sample's own (Qwen: flat patches)
+    one.update(model.family.sample_image_inputs(model.llava, inputs["input_ids"], images, 0))
     method = model.method
     try:
         if ratios is None:

@@ -70,6 +70,12 @@ def transformers_version() -> str:
 
 
 # ------------------------------------------------------------------------------------- dimensions
+class UnsupportedMethodError(ValueError, NotImplementedError):
+    """A pruning method needs something this family's model does not have (e.g. a CLS token for CLS-knee and
+    VisionZip on Qwen2.5-VL); the message says what. Commands that run several methods (``compare``) skip the
+    method's rows on that family, naming the reason; everything else fails."""
+
+
 @dataclass(frozen=True)
 class TextDims:
     """LLM dimensions the pruning code needs (the one place they are read from a config).
@@ -335,9 +341,16 @@ class VLMFamily:
         """
         return {k: v.repeat_interleave(expand_size, dim=0) if torch.is_tensor(v) else v for k, v in images.items()}
 
+    def sample_image_inputs(self, model: nn.Module, input_ids: torch.Tensor, images: dict, index: int) -> dict:
+        """The image inputs of row ``index`` of a batch alone (FLOPs per sample: ``compare``).
+
+        Default: batch-first tensors (``pixel_values``, ``image_sizes``), row ``index``.
+        """
+        return {k: v[index : index + 1] if torch.is_tensor(v) else v for k, v in images.items()}
+
     def vision_cls_attention(self, model: nn.Module, features: ImageFeatures) -> tuple[torch.Tensor, torch.Tensor]:
         """(cls_attention (B, Hv, 1 + N), keys (B, 1 + N, Dh)) of the selected vision layer (VisionZip)."""
-        raise NotImplementedError(f"the {self.name} family has no CLS attention for VisionZip")
+        raise UnsupportedMethodError(f"the {self.name} family has no CLS attention for VisionZip")
 
     def patch_cls_similarity(self, features: ImageFeatures) -> torch.Tensor:
         """(B, N) cosine similarity of every vision token's state to its CLS state (CLS-knee stage 1)."""

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from lightning_lvp.families.base import ImageFeatures, MergedInputs, VisionDims, VLMFamily
+from lightning_lvp.families.base import ImageFeatures, MergedInputs, UnsupportedMethodError, VisionDims, VLMFamily
 
 MODEL_TYPE = "qwen2_5_vl"
 
@@ -239,14 +239,22 @@ class Qwen2_5_VLFamily(VLMFamily):
             grid_out += [grid[images]] * expand_size
         return {**image_inputs, "pixel_values": torch.cat(pix_out), "image_grid_thw": torch.cat(grid_out)}
 
+    def sample_image_inputs(self, model, input_ids, image_inputs: dict, index: int) -> dict:
+        """Sample ``index``'s own images: its patch rows of the flat ``pixel_values`` and its grid rows."""
+        pix, grid = image_inputs["pixel_values"], image_inputs["image_grid_thw"]
+        starts = [0, *grid.prod(-1).cumsum(0).tolist()]
+        images = images_per_sample(model.config, input_ids, grid)[index]
+        rows = slice(starts[images[0]], starts[images[-1] + 1])
+        return {**image_inputs, "pixel_values": pix[rows], "image_grid_thw": grid[images]}
+
     def patch_cls_similarity(self, features: ImageFeatures) -> torch.Tensor:
-        raise ValueError(NO_CLS)
+        raise UnsupportedMethodError(NO_CLS)
 
     def vision_cls_attention(self, model, features: ImageFeatures):
-        raise ValueError(NO_CLS)
+        raise UnsupportedMethodError(NO_CLS)
 
     def project_vision(self, model, vision_states: torch.Tensor) -> torch.Tensor:
-        raise ValueError("Qwen2.5-VL's merger maps 2 x 2 patch groups, not single tower states: no per-token projector")
+        raise UnsupportedMethodError("Qwen2.5-VL's merger maps 2 x 2 patch groups, not single tower states: no per-token projector")
 
     # ------------------------------------------------------------------------------- positions
     def rope_positions(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_grid_thw):

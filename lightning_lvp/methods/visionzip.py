@@ -117,8 +117,8 @@ class VisionZip(PruningMethod):
         self.contextual_fraction, self.cls_to_llm, self.layout = float(contextual_fraction), bool(cls_to_llm), layout
 
     def apply(self, state: SeqState, ctx: StageContext, ratio: float | None) -> SeqState:
-        if ctx.vision_hidden is None and ctx.vision_attention is not None:
-            ctx.vision_attention()  # a family without a CLS token (Qwen2.5-VL) raises its own clear error here
+        if ctx.vision_attention is not None:  # first: a family without CLS attention (Qwen2.5-VL, LLaVA-NeXT)
+            cls_attention, keys = ctx.vision_attention()  # raises its own clear error here
         if ctx.vision_attention is None or ctx.project is None or ctx.vision_hidden is None:
             raise ValueError(
                 "VisionZip needs ctx.vision_attention, ctx.project and ctx.vision_hidden (the vision tower)"
@@ -128,7 +128,6 @@ class VisionZip(PruningMethod):
             raise ValueError("VisionZip must be the first stage, on images with the same number of patches")
         total = int(keep_counts(ratio, n, ctx.stage)[0])
         dominant, contextual = split_counts(total, self.contextual_fraction, self.cls_to_llm)
-        cls_attention, keys = ctx.vision_attention()
         dom, targets, merged = visionzip_tokens(cls_attention, keys, ctx.vision_hidden, dominant, contextual)
         b, d = state.hidden.shape[0], state.hidden.shape[-1]
         patch_embeds = state.hidden[state.alive_vision].view(b, int(n[0]), d)  # vision slots are in patch order

@@ -53,8 +53,7 @@ def evaluate(
             keep (structure, never pruned) or prune (like patches); default: the config's model.init_args.structure,
             else keep.
     """
-    from transformers import AutoProcessor
-
+    from lightning_lvp.data.processors import load_processor
     from lightning_lvp.eval.benchmarks import generate_answers, load_questions, write_answers_jsonl
     from lightning_lvp.eval.runner import PrunedGenerator
     from lightning_lvp.eval.scorers import score_benchmark
@@ -64,7 +63,7 @@ def evaluate(
     experiment = experiment or Experiment()
     path = experiment.model_path(model_path, "evaluate")
     model = PrunedLlava.from_pretrained(path, pruners, structure=experiment.structure(structure))
-    processor = AutoProcessor.from_pretrained(path)
+    processor = load_processor(path)  # the model family's processor (Qwen2.5-VL: QwenProcessor)
     stages = model.method.num_stages if model.method is not None else None
     try:
         ratios = parse_schedule(schedules, stages) if schedules else None

@@ -50,6 +50,7 @@ from lightning_lvp.data.llava_dataset import (
     processor_input_side,
     resize_then_pad,
 )
+from lightning_lvp.data.qwen_chat import IMAGE_PAD, is_qwen_processor, qwen_image_tokens, render_chatml, tokenize_chatml
 from lightning_lvp.eval.teacher_forced import model_inputs
 from lightning_lvp.generation import DecodedStopStrings
 from lightning_lvp.schedules import paper_schedule, parse_schedule
@@ -108,6 +109,8 @@ def encode_sample(processor, prompt: str, image, continuation: str | None = None
     """
     tok = processor.tokenizer
     turns = [{"from": "human", "value": f"{IMAGE_TOKEN}\n{prompt}"}, {"from": "gpt", "value": continuation or ""}]
+    if is_qwen_processor(processor):
+        return _encode_qwen(processor, turns, image, continuation)
     rendered = render_conversation(turns, prompt_only=continuation is None)
     if continuation is not None:  # score the reply only, not the template's end-of-turn separator
         (start, end), sep2 = rendered.target_spans[-1], len(VICUNA_V1.sep2)
@@ -129,6 +132,34 @@ def encode_sample(processor, prompt: str, image, continuation: str | None = None
     if continuation is not None:
         sample["labels"] = labels
         sample["prompt_mask"] = ~vision & (labels == -100)  # the pruner's keys: the context only
+    return sample
+
+
+def _encode_qwen(processor, turns: list[dict], image, continuation: str | None) -> dict[str, Any]:
+    """:func:`encode_sample` for Qwen2.5-VL, as its training data is prepared (``data/qwen_chat.py``): ChatML,
+    dynamic-resolution flat patches + ``image_grid_thw``, ``<|image_pad|>`` expanded to the image's count."""
+    tok = processor.tokenizer
+    rendered = render_chatml(turns, prompt_only=continuation is None)
+    if continuation is not None:  # score the reply only, not the template's <|im_end|>\n
+        (start, end), close = rendered.target_spans[-1], len("<|im_end|>\n")
+        rendered = RenderedConversation(rendered.text, [(start, end - close)], rendered.answer)
+    out = processor.image_processor(images=[image.convert("RGB")], return_tensors="pt")
+    grid = torch.as_tensor(out["image_grid_thw"]).long()
+    counts = qwen_image_tokens(processor.image_processor, grid)
+    ids, labels, vision = tokenize_chatml(rendered, tok, counts, tok.convert_tokens_to_ids(IMAGE_PAD))
+    sample = {
+        "input_ids": ids,
+        "vision_mask": vision,
+        "prompt_mask": ~vision,
+        "pixel_values": out["pixel_values"],
+        "image_grid_thw": grid,
+        "id": "",
+        "answer": "",
+        "question_type": "",
+    }
+    if continuation is not None:
+        sample["labels"] = labels
+        sample["prompt_mask"] = ~vision & (labels == -100)
     return sample
 
 
@@ -245,7 +276,7 @@ class LVPLmms(_LmmsBase):
     ``ratios`` ("a;b;c"), ``batch_size`` (N or auto), ``max_new_tokens`` (default budget when the task
     sets none), ``device`` (or lmms-eval's ``--device``), ``dtype``, ``structure`` (LLaVA-NeXT's newline
     policy, ``keep`` or ``prune``: docs/FAMILIES.md). The model family comes from the model's config
-    (LLaVA-1.5 and LLaVA-NeXT prompts and images are prepared as in training).
+    (LLaVA-1.5, LLaVA-NeXT and Qwen2.5-VL prompts and images are prepared as in training).
     """
 
     def __init__(
@@ -270,8 +301,7 @@ class LVPLmms(_LmmsBase):
                 f"unknown --model_args for lightning_lvp: {sorted(unknown)}; accepted: pretrained, pruners, rho, "
                 "ratios, batch_size, max_new_tokens, device, dtype, structure"
             )
-        from transformers import AutoProcessor
-
+        from lightning_lvp.data.processors import load_processor
         from lightning_lvp.model import PrunedLlava
 
         self._rank, self._world_size, local_rank = process_rank()
@@ -281,7 +311,7 @@ class LVPLmms(_LmmsBase):
                 pretrained, pruners, dtype=dtype, device=self._device, structure=structure
             )
         self.model = model
-        self.processor = processor or AutoProcessor.from_pretrained(pretrained)
+        self.processor = processor or load_processor(pretrained)  # the family's own (Qwen: QwenProcessor)
         stages = model.method.num_stages if model.method is not None else 0
         self.ratios = plugin_schedule(rho, ratios, stages)
         self.batch_size_per_gpu = resolve_batch_size(batch_size, max_batch_size)

@@ -301,7 +301,7 @@ def test_shipped_qwen_config_trains_a_tiny_28_layer_qwen(folder, tmp_path):
     module.configure_model()
     assert module.model.family.name == "qwen2_5_vl" and module.model.dims.num_layers == 28
     data = {k: v for k, v in dargs.as_dict().items() if k in ("dataset", "bad_samples", "max_length")}
-    dm = datamodule(folder, **data, processor_path=str(tmp_path / "model"), batch_size=2)
+    dm = datamodule(folder, **data, processor_path=str(tmp_path / "model"), batch_size=1)
     module.log = lambda *a, **k: None
     loss = module.training_step(next(iter(dm.train_dataloader())), 0)
     loss.backward()
@@ -344,3 +344,56 @@ def test_fit_with_the_shipped_qwen_config_end_to_end(folder, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Ratio sweep" in proc.stdout and "rho0.5" in proc.stdout
     assert list((tmp_path / "run").rglob("*.ckpt")) or list((tmp_path / "runs").rglob("*.ckpt"))
+
+
+@torch.no_grad()
+def test_several_images_in_one_sample(folder, tmp_path):
+    """Qwen2.5-VL takes several images per sample: ``"image": [a, b]`` with one <image> each, in order. The
+    sample is token-exact (one vision block per image), its patches and grid rows are both images'; a batch
+    mixing it with a one-image sample equals HF's forward. A count mismatch is refused at setup, naming it."""
+    from lightning_lvp import adapter
+    from lightning_lvp.data.collate import LlavaCollator
+    from lightning_lvp.data.llava_dataset import filter_entries
+    from lightning_lvp.model import PrunedVLM
+
+    proc = load_processor(folder / "model", min_pixels=1024)
+    tok, ip = proc.tokenizer, proc.image_processor
+    turns = [{"from": "human", "value": "<image>\n<image>\nWhat is it ?"}, {"from": "gpt", "value": "a cat"}]
+    two = {"id": "two", "image": ["im0.png", "im2.png"], "conversations": turns}
+    one = {"id": "one", "image": "im1.png", "conversations": TURNS[0]}
+    kept, _ = filter_entries([two, one], "data.json", max_images=None)
+    assert [e["id"] for e in kept] == ["two", "one"]
+    with pytest.raises(BadSampleError, match=r"id 'two'\): bad_image_field"):
+        filter_entries([two], "data.json")  # LLaVA-1.5 / NeXT: one image path per sample
+    mismatch = {**two, "image": ["im0.png", "im1.png", "im2.png"]}
+    with pytest.raises(BadSampleError, match=r"id 'two'\): image_count_mismatch"):
+        filter_entries([mismatch], "data.json", max_images=None)
+    (tmp_path / "two.json").write_text(json.dumps([two, one]))
+    dm = datamodule(folder, train_json=str(tmp_path / "two.json"), val_json=str(tmp_path / "two.json"))
+    ds = dm.val_set  # the data module lets Qwen2.5-VL entries have several images
+    assert len(ds) == 2 and dm.filter_reports[0].kept == 2
+    sample = ds[0]
+    pictures = [Image.open(folder / "images" / n).convert("RGB") for n in two["image"]]
+    want = ip(images=pictures, return_tensors="pt")
+    ids = processor_ids(tok, tok.apply_chat_template(chat_messages(turns), tokenize=False), want["image_grid_thw"])
+    assert sample["input_ids"].tolist() == ids and sample["labels"].tolist() == qwen_finetune_labels(tok, ids)
+    assert torch.equal(sample["pixel_values"], want["pixel_values"])
+    assert sample["image_grid_thw"].tolist() == want["image_grid_thw"].tolist() == [[1, 8, 12], [1, 12, 8]]
+    assert int(sample["vision_mask"].sum()) == 48 and sample["image"] == "im0.png,im2.png"
+    batch = LlavaCollator(tok.pad_token_id, "left")([sample, ds[1]])
+    assert batch["image_grid_thw"].shape == (3, 3)
+    base = adapter.load_llava(str(folder / "model"))
+    model = PrunedVLM(base, lvp())
+    ours = model.logits(model.forward_infer(**model_inputs(batch), ratios=[1.0, 1.0, 1.0]).hidden)
+    hf = base(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        pixel_values=batch["pixel_values"],
+        image_grid_thw=batch["image_grid_thw"],
+        mm_token_type_ids=(batch["input_ids"] == base.config.image_token_id).int(),
+    ).logits
+    for i in range(2):
+        n = int(batch["attention_mask"][i].sum())
+        torch.testing.assert_close(ours[i, -n:], hf[i, -n:], atol=1e-5, rtol=1e-5)
+    out = model.forward_infer(**model_inputs(batch))  # kept counts: fractions of each sample's own pool
+    assert [k.sum(1).tolist() for k in out.kept_patches] == [[24, 24], [14, 14], [5, 5]]

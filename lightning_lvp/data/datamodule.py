@@ -228,7 +228,8 @@ class LlavaDataModule(L.LightningDataModule):
 
     def _read(self, path: str) -> list[dict]:
         """Loads and filters one JSON file, logging (and keeping) its filter report."""
-        entries, report = filter_entries(load_entries(path), source=str(path), policy=self.bad_samples)
+        max_images = None if is_qwen_processor(self.load_processor()) else 1  # Qwen2.5-VL: several per sample
+        entries, report = filter_entries(load_entries(path), str(path), self.bad_samples, max_images)
         self.filter_reports.append(report)
         # WARNING: shown by the CLI and plain scripts alike (INFO is not); the ids go to skipped_entries.jsonl
         log.log(logging.WARNING if report.dropped else logging.INFO, "%s", report.summary())

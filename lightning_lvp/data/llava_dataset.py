@@ -141,13 +141,24 @@ def load_entries(path: str | os.PathLike) -> list[dict]:
     return data
 
 
-def entry_problem(entry: object) -> str | None:
+def entry_images(entry: dict) -> list[str]:
+    """The entry's image paths in ``<image>`` order: ``image`` is one path, or a list of paths (several images)."""
+    return list(entry["image"]) if isinstance(entry["image"], list) else [entry["image"]]
+
+
+def entry_problem(entry: object, max_images: int | None = 1) -> str | None:
     """The reason an entry cannot be trained on, or None when it is fine.
 
+    Args:
+        entry: one JSON entry.
+        max_images: images one sample may have (1: LLaVA-1.5 / NeXT; None = any number, Qwen2.5-VL), given
+            as a list ``"image": [path, ...]`` with one ``<image>`` per path, in order.
+
     Reasons: ``not_an_object``, ``missing_id``, ``text_only`` (no image: expected filtering),
-    ``bad_image_field`` (not one path string),
+    ``bad_image_field`` (not one path string, or a list of them where several images are allowed),
     ``no_conversations``, ``bad_turn_order`` (must alternate human/gpt, starting with human and ending
-    with gpt), ``no_image_token``, ``multiple_image_tokens``, ``empty_reply``.
+    with gpt), ``no_image_token``, ``multiple_image_tokens`` (more ``<image>`` than the model takes),
+    ``image_count_mismatch`` (a list of images and a different number of ``<image>``), ``empty_reply``.
     """
     if not isinstance(entry, dict):
         return "not_an_object"
@@ -155,7 +166,10 @@ def entry_problem(entry: object) -> str | None:
         return "missing_id"
     if not entry.get("image"):
         return "text_only"
-    if not isinstance(entry["image"], str):
+    several = isinstance(entry["image"], list) and max_images != 1
+    if several and not all(isinstance(p, str) and p for p in entry["image"]):
+        return "bad_image_field"
+    if not several and not isinstance(entry["image"], str):
         return "bad_image_field"
     turns = entry.get("conversations")
     if not isinstance(turns, list) or not turns:
@@ -168,20 +182,25 @@ def entry_problem(entry: object) -> str | None:
     n_images = sum(t["value"].count(IMAGE_TOKEN) for t in turns)
     if n_images == 0 or not any(IMAGE_TOKEN in t["value"] for t in turns if t["from"] == HUMAN):
         return "no_image_token"
-    if n_images > 1:
+    if several and n_images != len(entry["image"]):
+        return "image_count_mismatch"
+    if n_images > (max_images or n_images) or (not several and n_images > 1):
         return "multiple_image_tokens"
     if any(not t["value"].strip() for t in turns if t["from"] == GPT):
         return "empty_reply"
     return None
 
 
-def filter_entries(entries: list, source: str, policy: Policy = "raise") -> tuple[list[dict], FilterReport]:
+def filter_entries(
+    entries: list, source: str, policy: Policy = "raise", max_images: int | None = 1
+) -> tuple[list[dict], FilterReport]:
     """Keeps the usable image entries; drops text-only ones (counted); bad ones raise or are counted.
 
     Args:
         entries: the loaded JSON list.
         source: the file they came from (for messages).
         policy: ``"raise"`` stops at the first bad entry; ``"skip"`` counts it per reason.
+        max_images: images one sample may have (:func:`entry_problem`; None = any number).
 
     Raises:
         BadSampleError: under ``"raise"``, naming the entry id, its position and the file.
@@ -189,7 +208,7 @@ def filter_entries(entries: list, source: str, policy: Policy = "raise") -> tupl
     report = FilterReport(source=source, total=len(entries))
     kept = []
     for index, entry in enumerate(entries):
-        reason = entry_problem(entry)
+        reason = entry_problem(entry, max_images)
         if reason is None:
             kept.append(entry)
             continue
@@ -461,7 +480,8 @@ class LlavaDataset(Dataset):
         self.num_image_tokens = None if self.qwen else num_image_tokens(processor)
         words = [sum(len(t["value"].split()) for t in e["conversations"]) for e in entries]
         estimate = qwen_max_image_tokens(self.image_processor) if self.qwen else self.num_image_tokens
-        self._lengths = np.asarray(words, dtype=np.int64) + estimate
+        images = [len(entry_images(e)) for e in entries]
+        self._lengths = np.asarray(words, dtype=np.int64) + estimate * np.asarray(images, dtype=np.int64)
         image_token = IMAGE_PAD if self.qwen else IMAGE_TOKEN
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(image_token)
         if self.image_token_id is None or self.image_token_id == self.tokenizer.unk_token_id:
@@ -499,23 +519,18 @@ class LlavaDataset(Dataset):
     def _bad(self, entry: dict, reason: str, detail: str, path: Path | None = None) -> BadSampleError:
         """A BadSampleError naming the entry and the file."""
         where = f" (image {path})" if path is not None else ""
-        file = str(path if path is not None else resolve_image(entry["image"], self.image_folders))
+        file = str(path if path is not None else resolve_image(entry_images(entry)[0], self.image_folders))
         return BadSampleError(f"entry {entry.get('id')!r}{where}: {reason}: {detail}", reason, file)
 
     def _image(self, entry: dict) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """(3, H, W) pixel values of the entry's image; anyres: ((V, 3, H, W) views, (2,) image size);
-        Qwen2.5-VL: ((N, C * 2 * p * p) flat patches, (1, 3) image_grid_thw)."""
-        path = resolve_image(entry["image"], self.image_folders)
-        try:
-            image = open_rgb(path, self.max_image_pixels)
-        except FileNotFoundError:
-            raise self._bad(entry, "missing_image", "file not found", path) from None
-        except ImageTooLargeError as e:
-            raise self._bad(entry, "image_too_large", str(e), path) from None
-        except (OSError, ValueError, SyntaxError) as e:  # PIL: UnidentifiedImageError, truncated data, ...
-            raise self._bad(entry, "unreadable_image", f"{type(e).__name__}: {e}", path) from None
-        if self.anyres or self.qwen:  # both processors return their own extra tensor: same call
-            return self._anyres_views(entry, image, path)
+        Qwen2.5-VL: ((N, C * 2 * p * p) flat patches of ALL the entry's images, (n_images, 3) image_grid_thw)."""
+        if self.qwen:
+            opened = [self._open(entry, relative) for relative in entry_images(entry)]
+            return self._processed(entry, [image for image, _ in opened], opened[0][1])
+        image, path = self._open(entry, entry["image"])
+        if self.anyres:
+            return self._processed(entry, [image], path)
         if self.pad_to_square and self.input_side:
             image = resize_then_pad(image, self.input_side, self.background, self.resample)
         elif self.pad_to_square:
@@ -527,11 +542,23 @@ class LlavaDataset(Dataset):
         except Exception as e:  # e.g. a 1-pixel image the resize cannot handle: name the entry, not the processor
             raise self._bad(entry, "unreadable_image", f"image processor failed: {type(e).__name__}: {e}", path) from e
 
-    def _anyres_views(self, entry: dict, image: Image.Image, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-        """LLaVA-NeXT's image processor: ((V, 3, H, W) base view + crops, (2,) original (height, width));
-        Qwen2-VL's: ((N, C * 2 * p * p) flat patches, (1, 3) image_grid_thw)."""
+    def _open(self, entry: dict, relative: str) -> tuple[Image.Image, Path]:
+        """One decoded RGB image of the entry and its path; a :class:`BadSampleError` naming both if it fails."""
+        path = resolve_image(relative, self.image_folders)
         try:
-            out = self.image_processor(images=[image], return_tensors="pt")
+            return open_rgb(path, self.max_image_pixels), path
+        except FileNotFoundError:
+            raise self._bad(entry, "missing_image", "file not found", path) from None
+        except ImageTooLargeError as e:
+            raise self._bad(entry, "image_too_large", str(e), path) from None
+        except (OSError, ValueError, SyntaxError) as e:  # PIL: UnidentifiedImageError, truncated data, ...
+            raise self._bad(entry, "unreadable_image", f"{type(e).__name__}: {e}", path) from None
+
+    def _processed(self, entry: dict, images: list[Image.Image], path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+        """LLaVA-NeXT's image processor: ((V, 3, H, W) base view + crops, (2,) original (height, width));
+        Qwen2-VL's: ((N, C * 2 * p * p) flat patches of every image, (n_images, 3) image_grid_thw)."""
+        try:
+            out = self.image_processor(images=images, return_tensors="pt")
         except Exception as e:  # name the entry, not the processor
             raise self._bad(entry, "unreadable_image", f"image processor failed: {type(e).__name__}: {e}", path) from e
         if self.qwen:
@@ -574,7 +601,7 @@ class LlavaDataset(Dataset):
             "id": str(entry["id"]),
             "answer": answer,
             "question_type": str(entry.get("question_type", "")),
-            "image": str(entry["image"]),  # image identity: questions about one image are compared by it
+            "image": ",".join(entry_images(entry)),  # image identity: questions about one image are compared by it
         }
         if not self.prompt_only:
             sample["labels"] = labels

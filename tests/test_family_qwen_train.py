@@ -224,6 +224,8 @@ def test_lvp_module_trains_on_a_tiny_qwen(folder):
         module.validation_step(next(iter(dm.val_dataloader())), 0)
     assert 0.0 <= float(logged["val/acc"]) <= 1.0 and torch.isfinite(torch.as_tensor(logged["val/loss"]))
     assert set(logged) >= {"val/kept_ratio/layer1", "val/kept_ratio/layer3", "val/loss_ratio"}
+    answers = module.predict_step(next(iter(dm.predict_dataloader())), 0)  # cached generation, left-padded prompts
+    assert answers.shape[0] == 2 and 1 <= answers.shape[1] <= 16
 
 
 def test_bad_input_on_the_qwen_path_names_the_entry(folder, tmp_path):

@@ -8,6 +8,8 @@ from lightning_lvp.data.collate import LlavaCollator, SkipCountingLoader, answer
 from lightning_lvp.data.conversation import IGNORE_INDEX, VICUNA_V1, ConversationTemplate, render_conversation
 from lightning_lvp.data.digits import DigitsConfig, build_digits_dataset, ensure_digits_dataset
 from lightning_lvp.data.llava_dataset import BadSampleError, LlavaDataset, filter_entries, load_entries
+from lightning_lvp.data.processors import load_processor
+from lightning_lvp.data.qwen_chat import QwenProcessor
 from lightning_lvp.data.tokenizer import build_tiny_processor, save_tiny_processor, tiny_spec_overrides
 
 _LIGHTNING = ("LengthGroupedSampler", "LlavaDataModule")
@@ -31,6 +33,7 @@ __all__ = [
     "LlavaCollator",
     "LlavaDataModule",
     "LlavaDataset",
+    "QwenProcessor",
     "SkipCountingLoader",
     "answer_accuracy",
     "build_digits_dataset",
@@ -38,6 +41,7 @@ __all__ = [
     "ensure_digits_dataset",
     "filter_entries",
     "load_entries",
+    "load_processor",
     "render_conversation",
     "save_tiny_processor",
     "tiny_spec_overrides",

@@ -168,7 +168,9 @@ class ComponentTimer:
     layout), its decoder layers (``run_layer``) and the method's pruning steps (``apply``: scoring + gathers).
 
     Wraps those three callables on the given objects (instance attributes, removed on exit); ``record(fn)``
-    returns ``fn`` timed part by part, each call appending ``{part: s, "total": s}`` to ``self.runs[key]``.
+    returns ``fn`` timed part by part, each call appending ``{part: s, "total": s, "cpu": s}`` to
+    ``self.runs[key]`` ("cpu": CPU seconds of the calling thread, ``time.thread_time``: with ONE torch thread
+    all the work runs there, and the time the scheduler gives other jobs is not in it).
     """
 
     def __init__(self, family, methods):
@@ -201,10 +203,11 @@ class ComponentTimer:
     def record(self, key: str, fn: Callable[[], object]) -> Callable[[], object]:
         def run():
             self.current = {}
-            t0 = time.perf_counter()
+            c0, t0 = time.thread_time(), time.perf_counter()
             out = fn()
-            total = time.perf_counter() - t0
-            self.runs.setdefault(key, []).append({**{p: self.current.get(p, 0.0) for p in PARTS}, "total": total})
+            total, cpu = time.perf_counter() - t0, time.thread_time() - c0
+            parts = {p: self.current.get(p, 0.0) for p in PARTS}
+            self.runs.setdefault(key, []).append({**parts, "total": total, "cpu": cpu})
             return out
 
         return run
@@ -215,6 +218,27 @@ def breakdown(runs: list[dict[str, float]], warmup: int = 1) -> dict[str, float]
     timed = runs[warmup:]
     out = {p: med([r[p] for r in timed]) for p in (*PARTS, "total")}
     out["other"] = med([r["total"] - sum(r[p] for p in PARTS) for r in timed])
+    return out
+
+
+def attention_flops(layer_tokens: list[list[int]], hidden: int) -> float:
+    """The counter's attention FLOPs (full T_q x T_k scores: 4 T^2 d per layer) of a row's ``layer_tokens``."""
+    return float(sum(4 * t * t * hidden * n for t, n in layer_tokens))
+
+
+def sdpa_causal_fraction(lengths: list[int], heads: int, head_dim: int = 64, repeats: int = 5) -> dict[int, float]:
+    """Time of SDPA's causal path over its full-square path, per sequence length (fastest of ``repeats``).
+
+    The FLOPs convention counts every score; a causal kernel may skip blocks above the diagonal, and how
+    many it skips depends on the length (its block size).
+    """
+    out = {}
+    for t in lengths:
+        q, k, v = (torch.randn(1, heads, t, head_dim) for _ in range(3))
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        fns = {"causal": lambda: sdpa(q, k, v, is_causal=True), "full": lambda: sdpa(q, k, v)}  # noqa: B023
+        times = interleaved_times(fns, repeats)
+        out[t] = min(times["causal"]) / min(times["full"])
     return out
 
 
@@ -256,13 +280,35 @@ def next_benchmark(args) -> dict:
         # other jobs only ever ADD time: the fastest run of each is the least disturbed estimate
         row["min_prefill_ratio"] = min(times[name]) / min(times["base"])
         row["percent_of_flops_speedup_min"] = 100 * row["flops_ratio"] / row["min_prefill_ratio"]
+        # thread CPU time (1 torch thread): what a core spent on the prefill, without the time other jobs held it
+        cpu, base_cpu = [r["cpu"] for r in timer.runs[name][1:]], [r["cpu"] for r in timer.runs["base"][1:]]
+        row["prefill_cpu_s"] = med(cpu)
+        row["cpu_ratio"] = med(cpu) / med(base_cpu)
+        row["paired_cpu_ratio"] = med([c / b for c, b in zip(cpu, base_cpu)])
+        row["percent_of_flops_speedup_cpu"] = 100 * row["flops_ratio"] / row["paired_cpu_ratio"]
         rows.append(row)
         print(
             f"[next prefill] {name}: {row['prefill_s']:.3f} s, FLOPs ratio {row['flops_ratio']:.3f}, "
             f"parts {json.dumps({k: round(v, 3) for k, v in parts.items()})} s",
             flush=True,
         )
+    # what the prediction would be if the causal kernel computed exactly half of every layer's scores
+    base_row = case["flops"]["base"]
+    half = {
+        name: case["flops"][name]["tflops"] * 1e12
+        - attention_flops(case["flops"][name]["layer_tokens"], args.hidden) / 2
+        for name in schedules
+    }
+    for row in rows:
+        row["flops_ratio_causal_half"] = half[row["schedule"]] / half["base"]
+    lengths = sorted({t for r in rows for t, _ in r["layer_tokens"]}, reverse=True)
+    causal = sdpa_causal_fraction(lengths, args.hidden // 64) if args.next_repeats > 1 else {}
+    print(
+        f"[next] SDPA causal / full-square time per length: {json.dumps({k: round(v, 2) for k, v in causal.items()})}"
+    )
     return {
+        "sdpa_causal_over_full": causal,
+        "base_layer_tokens": base_row["layer_tokens"],
         "model": {
             "llm_layers": args.layers,
             "hidden": args.hidden,
@@ -658,14 +704,15 @@ def print_next(n: dict) -> None:
     )
     print(
         "\n| schedule | GFLOPs | FLOPs ratio | prefill s (median) | prefill ratio (median of paired) | % of FLOPs "
-        "speed-up | fastest-run ratio | % (fastest runs) |"
+        "speed-up | fastest-run ratio | % (fastest runs) | thread CPU s | CPU ratio (paired) | % (CPU, paired) |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for x in n["rows"]:
         print(
             f"| {x['schedule']} | {x['gflops']:.1f} | {x['flops_ratio']:.3f} | {x['prefill_s']:.3f} | "
             f"{x['prefill_ratio']:.3f} ({x['paired_prefill_ratio']:.3f}) | {x['percent_of_flops_speedup']:.0f} % | "
-            f"{x['min_prefill_ratio']:.3f} | {x['percent_of_flops_speedup_min']:.0f} % |"
+            f"{x['min_prefill_ratio']:.3f} | {x['percent_of_flops_speedup_min']:.0f} % | {x['prefill_cpu_s']:.3f} | "
+            f"{x['cpu_ratio']:.3f} ({x['paired_cpu_ratio']:.3f}) | {x['percent_of_flops_speedup_cpu']:.0f} % |"
         )
     print("\n| schedule | part | GFLOPs | seconds (median) | GFLOP/s |")
     print("|---|---|---|---|---|")
@@ -678,8 +725,11 @@ def print_next(n: dict) -> None:
     for x in n["rows"][1:]:
         print(
             f"{x['schedule']}: decoder layers alone: time ratio {x['layers_time_ratio']:.3f} vs FLOPs ratio "
-            f"{x['layers_flops_ratio']:.3f} ({100 * x['layers_flops_ratio'] / x['layers_time_ratio']:.0f} %)"
+            f"{x['layers_flops_ratio']:.3f} ({100 * x['layers_flops_ratio'] / x['layers_time_ratio']:.0f} %); "
+            f"FLOPs ratio if causal attention cost half its scores: {x['flops_ratio_causal_half']:.3f}"
         )
+    if n.get("sdpa_causal_over_full"):
+        print(f"SDPA causal / full-square time by length: {n['sdpa_causal_over_full']}")
 
 
 def print_report(r: dict) -> None:

@@ -72,7 +72,7 @@ def test_component_timer_wraps_and_restores(case):
     assert logits.shape == (1, 1, models["base"].dims.vocab_size)
     assert "merge" not in vars(family) and "run_layer" not in vars(family) and "apply" not in vars(method)
     (parts,) = timer.runs["rho0.5"]
-    assert set(parts) == {"merge", "layers", "pruners", "total"} and all(parts[p] > 0 for p in parts)
+    assert set(parts) == {"merge", "layers", "pruners", "total", "cpu"} and all(parts[p] > 0 for p in parts)
 
 
 @pytest.mark.slow

@@ -219,6 +219,52 @@ def clip_sample_grads(x: torch.Tensor, quantile: float) -> torch.Tensor:
     return _ClipSampleGrads.apply(x, quantile)
 
 
+def per_sample_nll(logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, batch: int) -> torch.Tensor:
+    """(B,) mean cross-entropy over each sample's label tokens (0 for a sample without any)."""
+    nll = F.cross_entropy(logits.float(), targets, reduction="none")
+    total = nll.new_zeros(batch).index_add(0, rows, nll)
+    count = nll.new_zeros(batch).index_add(0, rows, torch.ones_like(nll))
+    return total / count.clamp(min=1)
+
+
+def score_function_surrogate(
+    sampled: list[tuple[torch.Tensor, torch.Tensor]],
+    decisions: list[torch.Tensor],
+    vision: torch.Tensor,
+    nll: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score-function (REINFORCE) surrogate of the causal loss, and the expected kept fractions.
+
+    The gradient of ``E_D[L]`` over hard decisions D is ``E[L * grad log P(D)]`` (Williams 1992); with a
+    leave-one-out batch baseline ``b_i = mean_{k != i} L_k`` it stays unbiased and is estimated by the
+    gradient of ``mean_i (L_i - b_i) * log P(D_i)`` with ``L`` detached. A token already dropped by an
+    earlier stage has no say (eq. 10), so its later decisions are left out of ``log P``.
+
+    Args:
+        sampled: per stage, (log P(decision), P(keep)) per token, (B, T) each (``LVPruning.sampled``).
+        decisions: per stage, the CUMULATIVE hard decisions (B, T) (``TrainOutput.decisions``).
+        vision: (B, T) bool, the vision tokens.
+        nll: (B,) each sample's causal loss (:func:`per_sample_nll`).
+
+    Returns:
+        The surrogate (scalar; its value is not a loss, only its gradient means something) and (B, S)
+        the expected kept fraction per stage ``sum_j D_{s-1, j} P_s(keep_j) / N_v`` (eq. 10 in
+        expectation given the previous stage), for the ratio loss.
+    """
+    b = nll.shape[0]
+    alive = vision.to(nll)
+    n_vision = alive.sum(1).clamp(min=1)
+    log_p, expected = nll.new_zeros(b), []
+    for s, (lp, p) in enumerate(sampled):
+        before = alive if s == 0 else decisions[s - 1].detach().to(nll)
+        log_p = log_p + (lp * before).sum(1)
+        expected.append((p * before).sum(1) / n_vision)
+    loss = nll.detach()
+    baseline = (loss.sum() - loss) / max(b - 1, 1) if b > 1 else loss.new_zeros(1)
+    surrogate = ((loss - baseline) * log_p).mean()
+    return surrogate, torch.stack(expected, 1)
+
+
 def ratio_loss(kept: torch.Tensor, targets: torch.Tensor, kind: str = "mse", beta: float = 0.5) -> torch.Tensor:
     """L_ratio = 1/S sum_s (rho_s - mean_i D_s,i)^2 (METHOD §3), or its Huber variant.
 

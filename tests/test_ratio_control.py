@@ -119,3 +119,22 @@ def test_logit_bound_limits_the_centered_log_odds():
     assert keep.abs().max() <= 2.0
     with pytest.raises(ValueError, match="logit_bound"):
         make_method(logit_bound=0.0)
+
+
+def test_logit_scale_standardizes_the_training_log_odds():
+    """``logit_scale``: the training decisions are drawn from per-sample z-scores of the log-odds times the
+    scale (plus the bias): their std over the alive tokens is the scale, and multiplying the modules'
+    log-odds by any positive factor changes nothing."""
+    method = make_method(ratio_control=1.0, logit_scale=0.3)
+    torch.manual_seed(0)
+    gamma = torch.randn(2, 9, 2)
+    alive = torch.tensor([[0, 1, 1, 1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1, 0]], dtype=torch.float)
+    method.ratio_bias.fill_(0.25)
+    out = method._controlled(gamma, alive, 0)[..., 0]
+    for row, a in zip(out, alive.bool()):
+        z = row[a] - 0.25
+        assert torch.allclose(z.mean(), torch.tensor(0.0), atol=1e-6)
+        assert torch.allclose(z.pow(2).mean().sqrt(), torch.tensor(0.3), atol=1e-5)
+    assert torch.allclose(method._controlled(gamma * 7.0, alive, 0)[..., 0][alive.bool()], out[alive.bool()], atol=1e-5)
+    with pytest.raises(ValueError, match="logit_scale"):
+        make_method(ratio_control=1.0, logit_scale=0.0)

@@ -7,6 +7,7 @@ from typing import Literal
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from lightning_lvp.adapter import TextDims
 from lightning_lvp.decision import DecisionModule, clip_sample_grads, gumbel_keep
@@ -44,6 +45,18 @@ class LVPruning(PruningMethod):
             see :func:`~lightning_lvp.decision.clip_sample_grads`).
         logit_bound: with ``ratio_control``, bound the centered log-odds of the training decisions to
             ``(-c, c)`` by ``c * tanh(x / c)`` (not in the paper; None = unbounded).
+        estimator: how the causal loss's gradient reaches the modules. "straight_through" (the paper:
+            hard Gumbel-Softmax, gradients of the soft sample, eqs. 5-6) or "score_function" (not in the
+            paper: the same hard decisions, drawn from the same law, P(keep) = sigmoid(gamma_keep -
+            gamma_drop) for any tau, but detached; the causal loss's gradient is the unbiased
+            score-function (REINFORCE) estimate ``(L_i - b_i) * grad log P(D_i)`` with a leave-one-out
+            batch baseline, :func:`~lightning_lvp.decision.score_function_surrogate`, and the ratio loss
+            acts on the EXPECTED kept fraction). Same objective, another gradient estimate: see
+            docs/RESULTS.md §5.3 for why the straight-through one fails on the demo.
+        logit_scale: with ``ratio_control``, STANDARDIZE the centered log-odds of the training decisions
+            per sample (std 1 over the alive tokens) and multiply by this scale (not in the paper; None =
+            off): the decisions can never saturate, so every token keeps being explored, and a few
+            tokens pushed far down cannot shift the others (measured: docs/RESULTS.md §5.3).
     """
 
     trainable = True
@@ -64,6 +77,8 @@ class LVPruning(PruningMethod):
         ratio_control: float = 0.0,
         grad_clip_quantile: float | None = None,
         logit_bound: float | None = None,
+        estimator: Literal["straight_through", "score_function"] = "straight_through",
+        logit_scale: float | None = None,
     ):
         super().__init__(after_layers, keep_ratios)
         self.train_ratios = [float(r) for r in validate_ratios(train_ratios, "train_ratios")]
@@ -93,6 +108,15 @@ class LVPruning(PruningMethod):
         if logit_bound is not None and logit_bound <= 0:
             raise ValueError(f"logit_bound must be > 0 or None, got {logit_bound}")
         self.logit_bound = logit_bound
+        if logit_scale is not None and logit_scale <= 0:
+            raise ValueError(f"logit_scale must be > 0 or None, got {logit_scale}")
+        if logit_scale is not None and ratio_control == 0:
+            raise ValueError("logit_scale acts on the controlled decisions: it needs ratio_control > 0")
+        self.logit_scale = logit_scale
+        if estimator not in ("straight_through", "score_function"):
+            raise ValueError(f"estimator must be 'straight_through' or 'score_function', got {estimator!r}")
+        self.estimator = estimator
+        self.sampled: list[tuple[torch.Tensor, torch.Tensor]] = []  # score_function: per stage (log P, P) per token
         self.decision = nn.ModuleList()
         # persistent only when used: pruner folders / checkpoints without a controller keep their keys
         self.register_buffer("ratio_bias", torch.zeros(self.num_stages), persistent=self.ratio_control > 0)
@@ -136,10 +160,24 @@ class LVPruning(PruningMethod):
         gamma = self.gamma(state, ctx)
         if self.ratio_control > 0:
             gamma = self._controlled(gamma, state.alive_vision, ctx.stage)
+        if self.estimator == "score_function":
+            return self._sample(gamma, state.alive_vision, ctx.stage)
         keep = gumbel_keep(gamma, tau)
         if self.grad_clip_quantile is not None and torch.is_grad_enabled():
             keep = clip_sample_grads(keep, self.grad_clip_quantile)
         return keep * state.alive_vision
+
+    def _sample(self, gamma: torch.Tensor, alive: torch.Tensor, stage: int) -> torch.Tensor:
+        """Detached hard decisions with the hard Gumbel-max law, P(keep) = sigmoid(log-odds); records
+        each token's log P(decision) and P(keep) for :func:`~lightning_lvp.decision.score_function_surrogate`."""
+        log_odds = (gamma[..., 0] - gamma[..., 1]).float()
+        p_keep = torch.sigmoid(log_odds)
+        keep = torch.bernoulli(p_keep.detach()) * alive
+        log_p = torch.where(keep.bool(), F.logsigmoid(log_odds), F.logsigmoid(-log_odds))
+        if stage == 0:
+            self.sampled = []
+        self.sampled.append((log_p * alive, p_keep * alive))
+        return keep.to(gamma.dtype)
 
     def _controlled(self, gamma: torch.Tensor, alive: torch.Tensor, stage: int) -> torch.Tensor:
         """(B, L, 2) -> keep/drop logits ``[log_odds - mean_alive(log_odds) + b_s, 0]``.
@@ -154,6 +192,9 @@ class LVPruning(PruningMethod):
         weight = alive.to(log_odds)
         mean = (log_odds * weight).sum(1, keepdim=True) / weight.sum(1, keepdim=True).clamp(min=1)
         centered = (log_odds - mean) * weight
+        if self.logit_scale is not None:  # per-sample z-scores times a fixed scale: no saturation
+            std = (centered.pow(2).sum(1, keepdim=True) / weight.sum(1, keepdim=True).clamp(min=1)).sqrt()
+            centered = self.logit_scale * centered / std.clamp(min=1e-6)
         if self.logit_bound is not None:  # c * tanh(x / c): the spread cannot saturate the decisions
             centered = self.logit_bound * torch.tanh(centered / self.logit_bound)
         keep = centered + self.ratio_bias[stage].to(log_odds)

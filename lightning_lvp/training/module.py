@@ -10,7 +10,7 @@ from lightning.pytorch.cli import OptimizerCallable
 
 from lightning_lvp import adapter
 from lightning_lvp.data.collate import entry_ids_in_errors
-from lightning_lvp.decision import ratio_loss
+from lightning_lvp.decision import per_sample_nll, ratio_loss, score_function_surrogate
 from lightning_lvp.eval.teacher_forced import model_inputs, per_sample_exact_match, stage_name
 from lightning_lvp.io import method_spec
 from lightning_lvp.methods.base import PruningMethod
@@ -184,9 +184,18 @@ class LVPModule(TrainingModule):
         out = self.model.forward_train(**inputs, labels=batch["labels"], tau=self.current_tau(), return_scores=distill)
         result = {"loss_causal": out.loss_causal}
         loss = hp.lambda_causal * out.loss_causal
+        kept_for_ratio = out.kept
+        if getattr(self.method, "estimator", "straight_through") == "score_function":
+            # the decisions are detached: the causal term's gradient is the REINFORCE surrogate's, and the
+            # ratio loss acts on the expected kept fractions (LVPruning's `estimator`; not in the paper)
+            nll = per_sample_nll(out.logits, out.targets, out.sample_index, batch["input_ids"].shape[0])
+            surrogate, kept_for_ratio = score_function_surrogate(
+                self.method.sampled, out.decisions, batch["vision_mask"].bool(), nll
+            )
+            loss = loss + hp.lambda_causal * surrogate
         if self.method is not None:
             targets = torch.tensor(self.current_ratio_targets(), device=out.kept.device)
-            result["loss_ratio"] = ratio_loss(out.kept, targets, hp.ratio_loss, hp.ratio_beta)
+            result["loss_ratio"] = ratio_loss(kept_for_ratio, targets, hp.ratio_loss, hp.ratio_beta)
             if stage == "train" and getattr(self.method, "ratio_control", 0) > 0:
                 kept_mean = out.kept.detach().mean(0)
                 if self._trainer is not None:  # every rank steps the same bias (DDP also broadcasts buffers)

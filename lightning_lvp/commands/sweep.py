@@ -57,7 +57,6 @@ def sweep(
     from lightning_lvp.sweep import RESULTS, format_table, measurement_settings, run_sweep
 
     experiment = experiment or Experiment()
-    torch.set_grad_enabled(False)
     path = experiment.model_path(model_path, "sweep")
     structure = experiment.structure(structure)
     model = PrunedLlava.from_pretrained(path, pruners, structure=structure)
@@ -70,7 +69,8 @@ def sweep(
         settings["structure"] = structure
     if experiment.overrides():  # --model.* / --data.* on the command line change what is measured
         settings["overrides"] = experiment.overrides()
-    rows = run_sweep(model, loader, scheds, settings, out, include_base, max_batches, overwrite)
+    with torch.no_grad():  # not torch.set_grad_enabled(False): sweep() called in-process must not leak it
+        rows = run_sweep(model, loader, scheds, settings, out, include_base, max_batches, overwrite)
     print(format_table(rows))
     out = Path(out)
     print(f"results: {out / RESULTS}, {out / 'results.csv'}, {out / 'acc_vs_tflops.png'}")

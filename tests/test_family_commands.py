@@ -108,6 +108,7 @@ def test_sweep_on_next_keeps_each_samples_own_share(next_setup, tmp_path, struct
         str(out),
     ]
     assert main(argv) == 0
+    assert torch.is_grad_enabled()  # the command run in-process leaves autograd as it found it
     data = json.loads((out / "results.json").read_text())
     base, pruned = data["rows"]
     counts = vision_counts(next_setup.config, structure)

@@ -31,6 +31,7 @@ from torch.utils._pytree import tree_flatten, tree_map_only
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 
 from lightning_lvp import adapter
+from lightning_lvp.families.llava import LlavaFamily
 from lightning_lvp.io import instantiate
 from lightning_lvp.model import PrunedLlava
 
@@ -52,7 +53,7 @@ PAPER_MODULES_TFLOPS = 0.71
 CONVENTION = {
     "unit": "FLOP = one multiply or one add (matmul = 2 x MACs), torch.utils.flop_counter",
     "counted": "matmul, convolution, attention (4 T_q T_k d per layer, no causal halving); norms, activations, softmax, gathers not counted",
-    "vision_tower": "all CLIP layers run by transformers (24, although LLaVA reads layer -2), patch convolution included",
+    "vision_tower": LlavaFamily.vision_tower_flops,  # the default model's; the flops command prints its model's family's
     "keep_counts": "k_s = round(rho_s x N_vision) of the ORIGINAL vision tokens",
     "pruning_points": "after_layer l = after the l-th decoder layer (1-based): layers 1..l see every token",
     "pruners_training_free": "the method's own work: LVPruning's decision modules; for training-free methods every FLOP outside "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from lightning_lvp import flops
@@ -53,3 +55,19 @@ def test_tflops_per_schedule_on_the_meta_device(config):
     expected_llm = layer(1029) + 7 * layer(530) + 8 * layer(330) + 12 * layer(130)
     assert pruned["by_component"]["llm"] * 1e12 == pytest.approx(expected_llm, rel=1e-9)
     assert pruned["tflops"] < 0.6 * base["tflops"]
+
+
+def test_flops_command_prints_each_familys_vision_tower_convention(capsys):
+    """The printed convention names what the vision_tower column counts for the config's own family."""
+    from lightning_lvp.cli import main
+
+    repo = Path(__file__).resolve().parents[1]
+    expected = {
+        "qwen2_5_vl_rho05.yaml": "windowed-attention ViT",
+        "llava_next_rho05.yaml": "every anyres crop",
+        "rho05.yaml": "all CLIP layers run by transformers",
+    }
+    for name, text in expected.items():
+        assert main(["flops", "-c", str(repo / "experiments" / name)]) == 0
+        line = next(x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("vision_tower:"))
+        assert text in line, (name, line)

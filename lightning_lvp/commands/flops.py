@@ -39,6 +39,7 @@ def flops(
         json: print a JSON list (one object per schedule) instead of the table.
     """
     from lightning_lvp import flops as F
+    from lightning_lvp.families import family_for
     from lightning_lvp.io import instantiate
 
     experiment = experiment or Experiment()
@@ -60,6 +61,7 @@ def flops(
         model.lower().rstrip("/") == DEFAULT_MODEL.lower() and text_tokens == 30
     )  # the paper's table is LLaVA-1.5-7B
     described = {**F.CONVENTION, "lm_head": F.LM_HEAD_TEXT[lm_head], "pruners": F.PRUNER_TEXT[convention]}
+    described["vision_tower"] = family_for(F.resolve_model_config(model)).vision_tower_flops
     described["input"] = f"{F.describe_input(F.resolve_model_config(model), text_tokens)}; model {model}"
     for r in rows:
         r["paper_tflops"] = F.paper_tflops(r["schedule"]) if paper else None

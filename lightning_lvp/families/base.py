@@ -195,6 +195,8 @@ class VLMFamily:
     name: ClassVar[str] = ""
     model_types: ClassVar[tuple[str, ...]] = ()
     architectures: ClassVar[tuple[str, ...]] = ()
+    # what the FLOPs table's vision_tower column counts (printed with the FLOP convention)
+    vision_tower_flops: ClassVar[str] = "the vision encoder as transformers runs it"
     image_input_names: ClassVar[tuple[str, ...]] = ()
     structure_policies: ClassVar[tuple[str, ...]] = ("keep",)
 

@@ -48,6 +48,10 @@ class LlavaNextFamily(VLMFamily):
     name = "llava_next"
     model_types = ("llava_next",)
     architectures = ("LlavaNextForConditionalGeneration",)
+    vision_tower_flops = (
+        "all CLIP layers (24, although LLaVA reads layer -2) on the base image and every anyres crop, "
+        "patch convolution included"
+    )
     image_input_names = ("image_sizes",)
     structure_policies = ("keep", "prune")
     save = LlavaFamily.save

@@ -182,6 +182,10 @@ class Qwen2_5_VLFamily(VLMFamily):
     name = "qwen2_5_vl"
     model_types = (MODEL_TYPE,)
     architectures = ("Qwen2_5_VLForConditionalGeneration",)
+    vision_tower_flops = (
+        "the windowed-attention ViT (every block, full-attention ones included) and the 2x2 patch merger, "
+        "patch embedding included"
+    )
     image_input_names = ("image_grid_thw",)
 
     @property

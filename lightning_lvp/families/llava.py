@@ -106,7 +106,9 @@ class LlavaFamily(VLMFamily):
     name = "llava"
     model_types = ("llava",)
     architectures = ("LlavaForConditionalGeneration",)
-    vision_tower_flops = "all CLIP layers run by transformers (24, although LLaVA reads layer -2), patch convolution included"
+    vision_tower_flops = (
+        "all CLIP layers run by transformers (24, although LLaVA reads layer -2), patch convolution included"
+    )
 
     @property
     def model_class(self) -> type:

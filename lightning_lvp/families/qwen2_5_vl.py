@@ -258,7 +258,9 @@ class Qwen2_5_VLFamily(VLMFamily):
         raise UnsupportedMethodError(NO_CLS)
 
     def project_vision(self, model, vision_states: torch.Tensor) -> torch.Tensor:
-        raise UnsupportedMethodError("Qwen2.5-VL's merger maps 2 x 2 patch groups, not single tower states: no per-token projector")
+        raise UnsupportedMethodError(
+            "Qwen2.5-VL's merger maps 2 x 2 patch groups, not single tower states: no per-token projector"
+        )
 
     # ------------------------------------------------------------------------------- positions
     def rope_positions(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_grid_thw):
@@ -312,7 +314,9 @@ class Qwen2_5_VLFamily(VLMFamily):
         t, h, w = image_grid(config, height, width)
         p = config.vision_config.patch_size
         n = tokens_per_image(config, torch.tensor([[t, h, w]]))[0]
-        return f"1 image of {width} x {height} px (resized to {w * p} x {h * p} px, {w} x {h} patches: {n} vision tokens)"
+        return (
+            f"1 image of {width} x {height} px (resized to {w * p} x {h * p} px, {w} x {h} patches: {n} vision tokens)"
+        )
 
     def component_modules(self, model) -> dict[str, nn.Module]:
         """FLOPs parts: the vision tower (patch embedding + blocks; the merger inside it counts as the

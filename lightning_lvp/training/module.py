@@ -137,9 +137,7 @@ class LVPModule(TrainingModule):
             return
         hp = self.hparams
         llava = adapter.load_llava(hp.model_path, dtype=DTYPES[hp.dtype])
-        self.model = PrunedLlava(
-            llava, self.__dict__["_method"], hp.gradient_checkpointing, structure=hp.structure
-        )
+        self.model = PrunedLlava(llava, self.__dict__["_method"], hp.gradient_checkpointing, structure=hp.structure)
 
     @property
     def stage_names(self) -> list[str]:

@@ -27,6 +27,31 @@ from lightning_lvp.methods import LVPruning
 from lightning_lvp.model import PrunedVLM
 
 RATIOS = [0.5, 0.3, 0.1]
+
+
+def _experiment_yaml(root, batch_size: int, data_extra: str = "") -> str:
+    """The experiment YAML of the tiny folders under ``root`` (model/, data.json, images/)."""
+    return f"""
+model:
+  class_path: lightning_lvp.training.module.LVPModule
+  init_args:
+    model_path: {root / "model"}
+    method:
+      class_path: lightning_lvp.methods.LVPruning
+      init_args: {{after_layers: [1, 2, 3], train_ratios: {RATIOS}, keep_ratios: {RATIOS}, num_heads: 4}}
+data:
+  class_path: lightning_lvp.data.datamodule.LlavaDataModule
+  init_args:
+    dataset: llava
+    train_json: {root / "data.json"}
+    val_json: {root / "data.json"}
+    image_folder: {root / "images"}
+    batch_size: {batch_size}
+    val_batch_size: {batch_size}
+    num_workers: 0
+{data_extra}"""
+
+
 # (width, height) of the 8 images _write_tiny_next_folder writes, in entry order
 PIL_SIZES = [(40, 16), (30, 30), (16, 16), (20, 33)] * 2
 
@@ -64,25 +89,7 @@ def next_setup(tmp_path_factory):
     method = lvp()
     PrunedVLM(model.llava, method)  # binds the modules to the model's dims and records the family
     save_pruners(method, root / "pruners")
-    cfg = f"""
-model:
-  class_path: lightning_lvp.training.module.LVPModule
-  init_args:
-    model_path: {root / "model"}
-    method:
-      class_path: lightning_lvp.methods.LVPruning
-      init_args: {{after_layers: [1, 2, 3], train_ratios: {RATIOS}, keep_ratios: {RATIOS}, num_heads: 4}}
-data:
-  class_path: lightning_lvp.data.datamodule.LlavaDataModule
-  init_args:
-    dataset: llava
-    train_json: {root / "data.json"}
-    val_json: {root / "data.json"}
-    image_folder: {root / "images"}
-    batch_size: 8
-    val_batch_size: 8
-    num_workers: 0
-"""
+    cfg = _experiment_yaml(root, batch_size=8)
     (root / "cfg.yaml").write_text(cfg)
     (root / "cfg_prune.yaml").write_text(cfg.replace("    model_path:", "    structure: prune\n    model_path:"))
     return SimpleNamespace(root=root, config=model.llava.config)
@@ -313,26 +320,7 @@ def qwen_setup(tmp_path_factory):
     method = lvp()
     PrunedVLM(model, method)
     save_pruners(method, root / "pruners")
-    (root / "cfg.yaml").write_text(f"""
-model:
-  class_path: lightning_lvp.training.module.LVPModule
-  init_args:
-    model_path: {root / "model"}
-    method:
-      class_path: lightning_lvp.methods.LVPruning
-      init_args: {{after_layers: [1, 2, 3], train_ratios: {RATIOS}, keep_ratios: {RATIOS}, num_heads: 4}}
-data:
-  class_path: lightning_lvp.data.datamodule.LlavaDataModule
-  init_args:
-    dataset: llava
-    train_json: {root / "data.json"}
-    val_json: {root / "data.json"}
-    image_folder: {root / "images"}
-    batch_size: 4
-    val_batch_size: 4
-    num_workers: 0
-    min_pixels: 1024
-""")
+    (root / "cfg.yaml").write_text(_experiment_yaml(root, batch_size=4, data_extra="    min_pixels: 1024\n"))
     return SimpleNamespace(root=root, counts=[24, 48, 24, 49])
 
 

@@ -118,21 +118,8 @@ def encode_sample(processor, prompt: str, image, continuation: str | None = None
     image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
     pixel_values, image_size, count = _image_inputs(processor, image)
     ids, labels, vision = tokenize_conversation(rendered, tok, count, image_id)
-    sample = {
-        "input_ids": ids,
-        "vision_mask": vision,
-        "prompt_mask": ~vision,
-        "pixel_values": pixel_values,
-        "id": "",
-        "answer": "",
-        "question_type": "",
-    }
-    if image_size is not None:
-        sample["image_size"] = image_size
-    if continuation is not None:
-        sample["labels"] = labels
-        sample["prompt_mask"] = ~vision & (labels == -100)  # the pruner's keys: the context only
-    return sample
+    extra = {} if image_size is None else {"image_size": image_size}
+    return _sample(ids, labels, vision, continuation is not None, pixel_values=pixel_values, **extra)
 
 
 def _encode_qwen(processor, turns: list[dict], image, continuation: str | None) -> dict[str, Any]:
@@ -147,17 +134,14 @@ def _encode_qwen(processor, turns: list[dict], image, continuation: str | None) 
     grid = torch.as_tensor(out["image_grid_thw"]).long()
     counts = qwen_image_tokens(processor.image_processor, grid)
     ids, labels, vision = tokenize_chatml(rendered, tok, counts, tok.convert_tokens_to_ids(IMAGE_PAD))
-    sample = {
-        "input_ids": ids,
-        "vision_mask": vision,
-        "prompt_mask": ~vision,
-        "pixel_values": out["pixel_values"],
-        "image_grid_thw": grid,
-        "id": "",
-        "answer": "",
-        "question_type": "",
-    }
-    if continuation is not None:
+    return _sample(ids, labels, vision, continuation is not None, pixel_values=out["pixel_values"], image_grid_thw=grid)
+
+
+def _sample(ids, labels, vision, scored: bool, **images) -> dict[str, Any]:
+    """A dataset-shaped sample; with ``scored`` its labels, and the pruner's keys are the context only."""
+    sample = {"input_ids": ids, "vision_mask": vision, "prompt_mask": ~vision, **images}
+    sample.update(id="", answer="", question_type="")
+    if scored:
         sample["labels"] = labels
         sample["prompt_mask"] = ~vision & (labels == -100)
     return sample
